@@ -1,0 +1,60 @@
+"""The long text: the King James Bible (public domain, Debian's bible-kjv-text), about 1M tokens.
+
+The lectures' example of "give the LLM a whole book". `text()` is the whole of it, one verse a
+line under book-and-chapter headings; `tokens(tokenizer)` is its token stream (computed once
+per tokenizer and kept in the cache directory); `window(tokenizer, n, start)` is a slice of it
+ready for a model.
+"""
+
+import functools
+import gzip
+import hashlib
+from pathlib import Path
+
+import torch
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+KJV = DATA / "kjv.txt.gz"
+
+
+@functools.lru_cache(maxsize=1)
+def text() -> str:
+    """The whole King James Bible as one string (4.2M characters)."""
+    if not KJV.exists():
+        raise FileNotFoundError(f"{KJV} is missing: lectlib reads the text from the repository's data/ folder")
+    with gzip.open(KJV, "rt", encoding="utf-8") as f:
+        return f.read()
+
+
+def _tokenizer_key(tokenizer) -> str:
+    probe = tokenizer.encode("In the beginning God created the heaven and the earth.")
+    ident = f"{type(tokenizer).__name__}:{len(tokenizer)}:{probe}"
+    return hashlib.sha1(ident.encode()).hexdigest()[:12]
+
+
+_TOKENS: dict[str, torch.Tensor] = {}
+
+
+def tokens(tokenizer) -> torch.Tensor:
+    """(T,) int64 token ids of the whole text, cached on disk per tokenizer."""
+    from .models import cache_dir
+
+    key = _tokenizer_key(tokenizer)
+    if key not in _TOKENS:
+        path = cache_dir() / f"kjv-tokens-{key}.pt"
+        if path.exists():
+            _TOKENS[key] = torch.load(path)
+        else:
+            ids = torch.tensor(tokenizer.encode(text()), dtype=torch.int64)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(ids, path)
+            _TOKENS[key] = ids
+    return _TOKENS[key]
+
+
+def window(tokenizer, n: int, start: int = 0) -> torch.Tensor:
+    """(1, n) token ids: tokens start .. start + n of the text."""
+    stream = tokens(tokenizer)
+    if n <= 0 or start < 0 or start + n > len(stream):
+        raise ValueError(f"window [start={start}, start+n={start + n}) must lie inside the {len(stream)} tokens of the text")
+    return stream[start:start + n][None]
