@@ -1,0 +1,152 @@
+"""RoPE and its scalings against transformers' own RoPE initialisation and Llama (independent oracles)."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from lectlib import positions as P
+from lectlib.llama import Llama, LlamaConfig
+
+transformers = pytest.importorskip("transformers")
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # noqa: E402
+
+
+def hf_config(head_dim=32, base=10000.0, max_positions=128, rope=None, **shape):
+    rope = dict(rope or {"rope_type": "default"}, rope_theta=base)
+    kwargs = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim,
+                  max_position_embeddings=max_positions, rope_parameters=rope, tie_word_embeddings=True,
+                  rms_norm_eps=1e-5)
+    kwargs.update(shape)
+    return transformers.LlamaConfig(**kwargs)
+
+
+# ---- RoPE itself ---------------------------------------------------------------------------------
+
+@settings(max_examples=25, deadline=None)
+@given(m=st.integers(0, 5000), n=st.integers(0, 5000), shift=st.integers(0, 20000),
+       half=st.sampled_from([2, 8, 32]), seed=st.integers(0, 2**16))
+def test_rope_dot_product_depends_only_on_distance(m, n, shift, half, seed):
+    g = torch.Generator().manual_seed(seed)
+    q, k = torch.randn(2, 1, 1, 1, 2 * half, generator=g, dtype=torch.float64)
+    inv = P.rope_inv_freq(2 * half).double()
+    def score(a, b):
+        qa = P.apply_rope(q, torch.tensor([a]), inv)
+        kb = P.apply_rope(k, torch.tensor([b]), inv)
+        return (qa * kb).sum()
+    # angles are computed in fp32 like in transformers, so large positions lose a little precision
+    assert torch.allclose(score(m, n), score(m + shift, n + shift), atol=5e-3 * (1 + q.norm() * k.norm()))
+
+
+def test_rope_is_a_rotation_by_m_theta_per_pair():
+    """Pair (i, i + D/2) turns by m·θ_i as a 2-D rotation: a naive complex-number oracle."""
+    torch.manual_seed(0)
+    d, n = 16, 7
+    x = torch.randn(1, 2, n, d, dtype=torch.float64)
+    inv = P.rope_inv_freq(d, 500.0).double()
+    got = P.apply_rope(x, torch.arange(n), inv)
+    z = torch.complex(x[..., : d // 2], x[..., d // 2:]) * torch.exp(1j * torch.arange(n)[:, None] * inv)
+    assert torch.allclose(got, torch.cat([z.real, z.imag], -1), atol=1e-6)
+    assert torch.allclose(got.norm(dim=-1), x.norm(dim=-1))  # rotations keep the norm
+
+
+def test_rope_validates_inputs():
+    with pytest.raises(ValueError, match="head_dim"):
+        P.rope_inv_freq(7)
+    with pytest.raises(ValueError, match=r"\(B, H, N, D\)"):
+        P.apply_rope(torch.zeros(3, 4, 8), torch.arange(4), P.rope_inv_freq(8))
+    with pytest.raises(ValueError, match="inv_freq"):
+        P.apply_rope(torch.zeros(1, 1, 4, 8), torch.arange(4), P.rope_inv_freq(16))
+    with pytest.raises(ValueError, match="rope_type"):
+        P.rope_parameters(8, 10000.0, {"rope_type": "magic", "factor": 2.0}, 10)
+    with pytest.raises(ValueError, match="factor"):
+        P.linear_inv_freq(8, 10000.0, 0.5)
+    with pytest.raises(ValueError, match="original_max_position_embeddings"):
+        P.rope_parameters(8, 10000.0, {"rope_type": "yarn", "factor": 2.0}, 10)
+
+
+# ---- each scaling equals transformers' RoPE initialisation --------------------------------------
+
+@settings(max_examples=30, deadline=None)
+@given(head_dim=st.sampled_from([16, 32, 64, 128]), base=st.sampled_from([10000.0, 100000.0, 500000.0]),
+       factor=st.sampled_from([1.0, 2.0, 4.0, 8.0, 32.0]), original=st.sampled_from([128, 2048, 8192]),
+       beta=st.sampled_from([(32, 1), (16, 2)]), truncate=st.booleans())
+def test_yarn_and_linear_match_transformers(head_dim, base, factor, original, beta, truncate):
+    scaling = P.rope_scaling("yarn", factor, original, beta_fast=beta[0], beta_slow=beta[1], truncate=truncate)
+    config = hf_config(head_dim, base, original * int(factor), scaling)
+    want_inv, want_factor = ROPE_INIT_FUNCTIONS["yarn"](config, None)
+    inv, attention = P.rope_parameters(head_dim, base, scaling, 10)
+    assert torch.allclose(inv, want_inv, rtol=1e-6)
+    assert attention == pytest.approx(want_factor)
+    scaling = P.rope_scaling("linear", factor, original)
+    want_inv, want_factor = ROPE_INIT_FUNCTIONS["linear"](hf_config(head_dim, base, original, scaling), None)
+    inv, attention = P.rope_parameters(head_dim, base, scaling, 10)
+    assert torch.allclose(inv, want_inv, rtol=1e-6) and attention == want_factor == 1.0
+
+
+@settings(max_examples=30, deadline=None)
+@given(head_dim=st.sampled_from([16, 64, 128]), base=st.sampled_from([10000.0, 100000.0]),
+       factor=st.sampled_from([1.0, 2.0, 4.0, 8.0]), original=st.sampled_from([128, 4096]),
+       ratio=st.sampled_from([0.25, 1.0, 1.5, 3.0, 16.0]))
+def test_dynamic_and_static_ntk_match_transformers(head_dim, base, factor, original, ratio):
+    seq_len = max(1, int(ratio * original))
+    scaling = P.rope_scaling("dynamic", factor, original)
+    config = hf_config(head_dim, base, original, {"rope_type": "dynamic", "factor": factor})
+    want_inv, _ = ROPE_INIT_FUNCTIONS["dynamic"](config, None, seq_len=seq_len)
+    inv, attention = P.rope_parameters(head_dim, base, scaling, seq_len)
+    assert torch.allclose(inv, want_inv, rtol=1e-5) and attention == 1.0
+    # static NTK-aware with scale s = transformers' dynamic with factor 1 evaluated at length s·L
+    config = hf_config(head_dim, base, original, {"rope_type": "dynamic", "factor": 1.0})
+    want_inv, _ = ROPE_INIT_FUNCTIONS["dynamic"](config, None, seq_len=int(factor * original))
+    inv, _ = P.rope_parameters(head_dim, base, P.rope_scaling("ntk", factor, original), 1)
+    assert torch.allclose(inv, want_inv, rtol=1e-5)
+
+
+def test_scalings_keep_fast_dimensions_and_stretch_slow_ones():
+    """The lecture's picture: NTK/YaRN leave high frequencies (almost) alone and divide the lowest by s."""
+    d, base, s, L = 64, 10000.0, 4.0, 2048
+    theta = P.rope_inv_freq(d, base)
+    ntk, pi = P.ntk_inv_freq(d, base, s), P.linear_inv_freq(d, base, s)
+    yarn = P.yarn_inv_freq(d, base, s, L)
+    assert torch.allclose(pi, theta / s)
+    assert ntk[0] == theta[0] and ntk[-1] == pytest.approx(theta[-1] / s, rel=1e-5)
+    assert (ntk / theta).diff().le(1e-7).all()  # the stretch grows steadily towards slow pairs
+    low, high = P.yarn_correction_range(d, base, L)
+    assert torch.equal(yarn[:low], theta[:low]) and torch.allclose(yarn[high:], theta[high:] / s)
+    assert P.yarn_attention_factor(s) == pytest.approx(0.1 * math.log(s) + 1)
+    # wavelengths: the pairs YaRN extrapolates turn at least beta_fast = 32 times within L
+    assert (L / P.wavelengths(theta[:low]) >= 32).all()
+    assert (L / P.wavelengths(theta[high + 1:]) <= 1).all()
+
+
+# ---- the whole model equals transformers' Llama with the same rope_scaling -----------------------
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "default"},
+    {"rope_type": "linear", "factor": 4.0},
+    {"rope_type": "dynamic", "factor": 4.0},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
+])
+def test_llama_with_scaling_matches_transformers(rope):
+    torch.manual_seed(0)
+    original = 32
+    config = hf_config(16, 10000.0, original * (4 if rope["rope_type"] == "yarn" else 1), rope)
+    hf = transformers.LlamaForCausalLM(config).eval()
+    ours_config = LlamaConfig.from_hf(config)
+    if ours_config.rope_scaling is not None:
+        ours_config.rope_scaling.setdefault("original_max_position_embeddings", original)
+    ours = Llama(ours_config).eval()
+    missing = ours.load_state_dict({k.removeprefix("model."): v for k, v in hf.state_dict().items()}, strict=False)
+    assert not missing.missing_keys
+    ids = torch.randint(0, 97, (1, 100))  # 100 > 32 trained positions, so every scaling is active
+    with torch.no_grad():
+        want = hf(ids).logits
+        got = ours(ids)
+    assert torch.allclose(got, want, atol=1e-4)
+    if rope["rope_type"] != "default":  # and the scaling matters: plain RoPE gives other logits
+        plain = Llama(LlamaConfig(**{**ours_config.__dict__, "rope_scaling": None})).eval()
+        plain.load_state_dict(ours.state_dict())
+        with torch.no_grad():
+            assert not torch.allclose(plain(ids), want, atol=1e-3)
