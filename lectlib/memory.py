@@ -92,6 +92,12 @@ def kv_cache_bytes(*, n_layers: int, n_kv_heads: int, head_dim: int, seq_len: in
     return 2 * n_layers * n_kv_heads * head_dim * bytes_per_element * seq_len * batch_size
 
 
+def attention_scores_bytes(*, seq_len: int, n_heads: int, batch_size: int = 1, bytes_per_element: int = 2) -> int:
+    """Bytes of the score matrix S = QKᵀ that naive attention materializes: batch · heads · N² · bytes."""
+    _check_positive(seq_len=seq_len, n_heads=n_heads, batch_size=batch_size, bytes_per_element=bytes_per_element)
+    return batch_size * n_heads * seq_len * seq_len * bytes_per_element
+
+
 def preset(model: "str | ModelShape") -> ModelShape:
     """A ModelShape from its preset name (or itself)."""
     if isinstance(model, ModelShape):

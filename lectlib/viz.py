@@ -15,16 +15,14 @@ import plotly.graph_objects as go
 TEMPLATE = "plotly_white"
 
 
-def _label(names: Sequence[str], values: Sequence) -> str:
-    return ", ".join(f"{n}={v}" for n, v in zip(names, values))
-
-
 def slider_figure(draw: Callable[..., go.Figure], controls: dict[str, Sequence], *,
                   title: str = "", height: int = 450) -> go.Figure:
-    """One figure holding `draw(**values)` for every combination of `controls`, and a slider.
+    """One figure holding `draw(**values)` for every combination of `controls`, and its controls.
 
-    All traces of all frames are added at once and the slider toggles which are visible, so the
-    figure needs no kernel and no plotly animation support.
+    All traces of all frames are added at once and the controls toggle which are visible, so the
+    figure needs no kernel. One control is a slider; with two, the first is a dropdown that
+    installs the slider of the second for its value; with more, one slider runs over all
+    combinations.
     """
     if not controls:
         raise ValueError("controls must name at least one parameter and its values")
@@ -32,24 +30,40 @@ def slider_figure(draw: Callable[..., go.Figure], controls: dict[str, Sequence],
     combos = list(itertools.product(*(controls[n] for n in names)))
     fig = go.Figure()
     owner: list[int] = []
-    layouts = []
+    titles = []
     for index, combo in enumerate(combos):
         frame = draw(**dict(zip(names, combo)))
         for trace in frame.data:
             trace.visible = index == 0
             fig.add_trace(trace)
             owner.append(index)
-        layouts.append(frame.layout)
-    fig.update_layout(layouts[0])
-    steps = [
-        dict(method="update", label=_label(names, combo) if len(names) > 1 else str(combo[0]),
-             args=[{"visible": [o == index for o in owner]},
-                   {"title.text": layouts[index].title.text or title}])
-        for index, combo in enumerate(combos)
-    ]
-    prefix = ", ".join(names) + ": " if len(names) > 1 else f"{names[0]}: "
-    fig.update_layout(template=TEMPLATE, height=height, title=layouts[0].title.text or title,
-                      sliders=[dict(active=0, currentvalue=dict(prefix=prefix), steps=steps, pad=dict(t=40))])
+        if index == 0:
+            fig.update_layout(frame.layout)
+        titles.append(frame.layout.title.text or title)
+
+    def step(index: int, label) -> dict:
+        return dict(method="update", label=str(label),
+                    args=[{"visible": [o == index for o in owner]}, {"title.text": titles[index]}])
+
+    def slider(indices: list[int], labels: list, prefix: str) -> dict:
+        return dict(active=0, currentvalue=dict(prefix=prefix), pad=dict(t=40),
+                    steps=[step(i, label) for i, label in zip(indices, labels)])
+
+    fig.update_layout(template=TEMPLATE, height=height, title=titles[0])
+    if len(names) == 2:
+        first, second = (list(controls[n]) for n in names)
+        sliders = {a: slider([i * len(second) + j for j in range(len(second))], second, f"{names[1]}: ")
+                   for i, a in enumerate(first)}
+        buttons = [dict(method="update", label=str(a),
+                        args=[{"visible": [o == i * len(second) for o in owner]},
+                              {"sliders": [sliders[a]], "title.text": titles[i * len(second)]}])
+                   for i, a in enumerate(first)]
+        fig.update_layout(sliders=[sliders[first[0]]],
+                          updatemenus=[dict(buttons=buttons, direction="down", x=1.0, xanchor="right",
+                                            y=1.18, yanchor="top", showactive=True)])
+    else:
+        labels = [", ".join(map(str, c)) if len(names) > 1 else c[0] for c in combos]
+        fig.update_layout(sliders=[slider(list(range(len(combos))), labels, ", ".join(names) + ": ")])
     return fig
 
 

@@ -1,0 +1,86 @@
+"""The autograder: every exercise's checks, on lectlib's reference solution or on a learner's notebook.
+
+    python -m pytest tests/test_exercises.py                                   # the references pass
+    LECTLIB_SUBMISSION=my_chapter.ipynb python -m pytest tests/test_exercises.py  # grade a learner
+
+With a submission, each exercise of that notebook is one test: passed, or failed with the same
+message the notebook printed; exercises of other chapters are skipped.
+"""
+
+import os
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from lectlib import grading, release
+
+EXERCISES = sorted(grading.exercises())
+SUBMISSION = os.environ.get("LECTLIB_SUBMISSION")
+
+
+@pytest.fixture(scope="module")
+def submitted():
+    return release.submitted_functions(Path(SUBMISSION)) if SUBMISSION else None
+
+
+@pytest.mark.parametrize("name", EXERCISES)
+def test_exercise(name, submitted):
+    if submitted is None:
+        grading.run_check(name, grading.get(name).reference)
+        return
+    if name not in submitted:
+        in_notebook = any(f'"{name}"' in c.source for c in release.exercise_cells(nbformat.read(SUBMISSION, as_version=4)))
+        if not in_notebook:
+            pytest.skip(f"{name} is not an exercise of {SUBMISSION}")
+        pytest.fail(f"{name}: the exercise cell did not run to its check")
+    grading.run_check(name, submitted[name])
+
+
+@pytest.mark.parametrize("name", EXERCISES)
+def test_check_rejects_an_unsolved_exercise(name):
+    """A check that passes a function which does nothing would grade nothing."""
+    def unsolved(*args, **kwargs):
+        raise NotImplementedError("write your solution here")
+
+    with pytest.raises(grading.ExerciseFailure, match="not implemented"):
+        grading.run_check(name, unsolved)
+
+
+def test_every_chapter_exercise_is_registered_and_its_solution_passes():
+    for path in release.chapters():
+        found = release.submitted_functions(path)
+        for name, function in found.items():
+            assert name in EXERCISES, f"{path.name} checks {name!r}, which no grading module registers"
+            grading.run_check(name, function)
+        cells = release.exercise_cells(nbformat.read(path, as_version=4))
+        assert len(found) == len(cells), f"{path.name}: an exercise cell did not reach its check"
+
+
+def test_the_student_release_fails_the_checks(tmp_path):
+    """Cutting the solutions out leaves every exercise unsolved, and the grader says so."""
+    written = release.release(tmp_path)
+    assert written
+    for path in written:
+        notebook = nbformat.read(path, as_version=4)
+        for cell in release.exercise_cells(notebook):
+            assert "BEGIN SOLUTION" not in cell.source and "NotImplementedError" in cell.source
+        assert release.submitted_functions(path).keys() <= set(EXERCISES)
+        for name, function in release.submitted_functions(path).items():
+            with pytest.raises(grading.ExerciseFailure):
+                grading.run_check(name, function)
+
+
+def test_wrong_answers_are_explained():
+    def off_by_two(*, n_layers, n_kv_heads, head_dim, seq_len, batch_size=1, bytes_per_element=2):
+        return n_layers * n_kv_heads * head_dim * bytes_per_element * seq_len * batch_size
+
+    with pytest.raises(grading.ExerciseFailure, match="expected 2.62144e\\+06, got 1.31072e\\+06"):
+        grading.run_check("kv_cache_bytes", off_by_two)
+    assert grading.check("kv_cache_bytes", off_by_two) is False
+
+
+def test_strip_solutions_keeps_indentation():
+    source = "def f(x):\n    ### BEGIN SOLUTION\n    return x\n    ### END SOLUTION\n\ncheck('f', f)"
+    assert release.strip_solutions(source) == (
+        "def f(x):\n    raise NotImplementedError(\"write your solution here\")\n\ncheck('f', f)")
