@@ -27,11 +27,17 @@ import torch
 from torch import nn
 
 from .attention import causal_mask, check_qkv, repeat_kv, sdpa_attention
+from .train import train
 
 
-def _shift_heads(x: torch.Tensor, shift: int) -> torch.Tensor:
-    """Roll the second half of the heads (H // 2 onward) of x (B, H, N, D) by `shift` along N."""
-    h = x.shape[1] // 2
+def s2_shift(x: torch.Tensor, group_size: int, *, back: bool = False) -> torch.Tensor:
+    """Roll heads H//2 .. H-1 of x (B, H, N, D) by -G/2 along the sequence (by +G/2 with back=True).
+
+    After the roll, token t of a shifted head sits at index (t - G/2) mod N.
+    """
+    if x.dim() != 4:
+        raise ValueError(f"x must be (B, H, N, D), got shape {tuple(x.shape)}")
+    h, shift = x.shape[1] // 2, group_size // 2 if back else -(group_size // 2)
     return torch.cat([x[:, :h], x[:, h:].roll(shift, dims=2)], dim=1)
 
 
@@ -52,15 +58,14 @@ def s2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group_siz
     b, h, _, d = q.shape
     n_rep = h // k.shape[1]
     k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
-    half = group_size // 2
 
     def to_groups(x):  # (B, H, N, D) -> (B·N/G, H, G, D)
-        x = _shift_heads(x, -half)
+        x = s2_shift(x, group_size)
         return x.view(b, h, n // group_size, group_size, d).transpose(1, 2).reshape(-1, h, group_size, d)
 
     o = sdpa_attention(to_groups(q), to_groups(k), to_groups(v), causal=causal, scale=scale)
     o = o.view(b, n // group_size, h, group_size, d).transpose(1, 2).reshape(b, h, n, d)
-    return _shift_heads(o, half)
+    return s2_shift(o, group_size, back=True)
 
 
 def s2_attn(group_size: int):
@@ -150,3 +155,22 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 def lora_parameter_count(d_in: int, d_out: int, r: int) -> int:
     """Parameters of one LoRA adapter on a (d_out, d_in) weight: r·(d_in + d_out)."""
     return r * (d_in + d_out)
+
+
+def longlora_finetune(model: nn.Module, next_batch, *, steps: int, group_size: int | None, r: int = 8,
+                      alpha: float = 16.0, lr: float = 2e-3, seed: int = 0) -> dict:
+    """LongLoRA's recipe on `model` in place: LoRA+ adapters, S²-Attn with `group_size` while training
+    (None: full attention, the baseline), full attention restored afterwards for inference.
+
+    Returns {"losses", "seconds" (training wall time), "trainable", "total"}.
+    """
+    params = add_lora(model, r=r, alpha=alpha)
+    trainable, total = count_parameters(model)
+    model.set_attention(sdpa_attention if group_size is None else s2_attn(group_size))
+    what = "full attention" if group_size is None else f"S²-Attn, groups of {group_size}"
+    start = time.perf_counter()
+    losses = train(model, next_batch, steps=steps, lr=lr, params=params, seed=seed, warmup=min(10, steps),
+                   desc=f"LoRA+ fine-tune, {what}")
+    seconds = time.perf_counter() - start
+    model.set_attention(sdpa_attention)
+    return {"losses": losses, "seconds": seconds, "trainable": trainable, "total": total}

@@ -140,3 +140,17 @@ def test_lora_only_adapters_when_asked():
     trainable, _ = LL.count_parameters(model)
     # q, o: 32 -> 32; k, v: 32 -> 16 (two KV heads of 8); each adapter is r·(d_in + d_out)
     assert trainable == c.n_layers * 2 * ((32 + 32) * 2 + (32 + 16) * 2) == 896
+
+
+def test_s2_shift_exercise_catches_plausible_mistakes():
+    from lectlib.grading import ExerciseFailure, run_check
+    mistakes = [
+        lambda x, g: x.roll(-g // 2, dims=2),  # every head shifted
+        lambda x, g: LL.s2_shift(x, g, back=True),  # wrong direction
+        lambda x, g: torch.cat([x[:, : x.shape[1] // 2].roll(-g // 2, 2), x[:, x.shape[1] // 2:]], 1),  # wrong half
+        lambda x, g: torch.cat([x[:, : x.shape[1] // 2], x[:, x.shape[1] // 2:].roll(-g // 2, 3)], 1),  # wrong axis
+    ]
+    for candidate in mistakes:
+        with pytest.raises(ExerciseFailure):
+            run_check("s2_shift", candidate)
+    run_check("s2_shift", lambda x, g: LL.s2_shift(x, g))

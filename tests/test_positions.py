@@ -150,3 +150,25 @@ def test_llama_with_scaling_matches_transformers(rope):
         plain.load_state_dict(ours.state_dict())
         with torch.no_grad():
             assert not torch.allclose(plain(ids), want, atol=1e-3)
+
+
+# ---- the exercises reject plausible mistakes ------------------------------------------------------
+
+def _fails(name, candidate):
+    from lectlib.grading import ExerciseFailure, run_check
+    with pytest.raises(ExerciseFailure):
+        run_check(name, candidate)
+
+
+def test_exercise_checks_catch_plausible_mistakes():
+    def interleaved(x, pos, inv):  # adjacent pairs (2i, 2i+1): the GPT-NeoX/Meta layout mix-up
+        x2 = torch.stack([-x[..., 1::2], x[..., ::2]], -1).flatten(-2)
+        ang = pos[:, None].float() * inv.repeat_interleave(2)
+        return x * ang.cos() + x2 * ang.sin()
+    _fails("rope_apply", interleaved)
+    _fails("rope_apply", lambda x, pos, inv: P.apply_rope(x, torch.arange(x.shape[2]), inv))  # ignores positions
+    _fails("rope_apply", lambda x, pos, inv: x * P.rope_cos_sin(pos, inv)[0] - P.rotate_half(x) * P.rope_cos_sin(pos, inv)[1])
+    _fails("rope_position_interpolation", lambda d, b, s: P.rope_inv_freq(d, b) * s)
+    _fails("rope_position_interpolation", lambda d, b, s: P.rope_inv_freq(d, b * s))
+    _fails("rope_ntk_base", lambda d, b, s: b * s)
+    _fails("rope_ntk_base", lambda d, b, s: b * s ** ((d - 2) / d))
