@@ -66,7 +66,9 @@ def checkpoint_path(name: str = DEFAULT_MODEL) -> Path | str:
 def load_hf(name: str = DEFAULT_MODEL, *, dtype=torch.float32, device=None):
     """(transformers model, tokenizer): the reference implementation, used as the tests' oracle."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # a progress widget per load would clutter every chapter
     path = checkpoint_path(name)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
