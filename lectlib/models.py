@@ -96,10 +96,12 @@ def load(name: str = DEFAULT_MODEL, *, dtype=torch.float32, device=None):
     if hf_config.model_type != "llama":
         raise ValueError(f"{name!r} is a {hf_config.model_type!r} model; lectlib's Llama reads Llama-architecture "
                          f"checkpoints only. Use lectlib.models.load_hf({name!r}) for the transformers model.")
-    model = Llama(LlamaConfig.from_hf(hf_config))
+    with torch.device("meta"):  # no random initialisation: every weight comes from the checkpoint
+        model = Llama(LlamaConfig.from_hf(hf_config))
     state = {k.removeprefix("model."): v for k, v in state.items()}
     if model.config.tie_embeddings:
-        state.pop("lm_head.weight", None)
         state["lm_head.weight"] = state["embed_tokens.weight"]
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(state, strict=True, assign=True)
+    if model.config.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
     return model.to(device=device or "cpu", dtype=dtype).eval(), tokenizer
