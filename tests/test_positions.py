@@ -172,3 +172,51 @@ def test_exercise_checks_catch_plausible_mistakes():
     _fails("rope_position_interpolation", lambda d, b, s: P.rope_inv_freq(d, b * s))
     _fails("rope_ntk_base", lambda d, b, s: b * s)
     _fails("rope_ntk_base", lambda d, b, s: b * s ** ((d - 2) / d))
+
+
+# ---- the length experiments (lectlib.lengths) ----------------------------------------------------
+
+from lectlib import lengths  # noqa: E402
+
+
+def test_pose_positions_and_compact_vocab():
+    assert lengths.pose_positions(6, 2, 100).tolist() == [0, 1, 102, 103, 104, 105]
+    with pytest.raises(ValueError, match="jump_at"):
+        lengths.pose_positions(6, 6, 1)
+    stream = torch.tensor([5, 5, 5, 9, 9, 2, 7, 7, 7, 7])
+    vocab = lengths.compact_vocab(stream, size=3)
+    assert vocab.tolist() == [7, 5] and lengths.encode(stream, vocab).tolist() == [1, 1, 1, 2, 2, 2, 0, 0, 0, 0]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, vocab, losses = lengths.load_tiny()
+    stream, _ = lengths.kjv_stream(vocab)
+    return model, lengths.split(stream)[1], losses
+
+
+def test_shifting_every_position_changes_nothing_for_plain_rope(tiny):
+    """Why skipped positions work: RoPE sees only differences, so one common offset is invisible."""
+    model, held_out, _ = tiny
+    ids = held_out[None, :64]
+    with torch.no_grad():
+        base = model(ids)
+        shifted = model(ids, positions=torch.arange(64) + 3000)
+        skipped = model(ids, positions=lengths.pose_positions(64, 32, 3000))
+    assert torch.allclose(base, shifted, atol=2e-2)
+    assert torch.allclose(base[:, :32], skipped[:, :32], atol=1e-5) and not torch.allclose(base, skipped, atol=0.5)
+
+
+def test_chapter_claims_on_the_tiny_model(tiny):
+    """The shipped checkpoint learned, plain RoPE degrades past 128 tokens, dynamic NTK is plain RoPE inside it."""
+    model, held_out, losses = tiny
+    assert sum(losses[-50:]) / 50 < 0.5 * sum(losses[:50]) / 50
+    windows = lengths.eval_windows(held_out, 4 * lengths.TRAIN_LEN, 8)
+    ppl = lengths.sweep_tiny(model, windows, factor=4.0, bin_size=lengths.TRAIN_LEN)
+    assert ppl["default"][0] < 80 and ppl["default"][-1] > 1.3 * ppl["default"][0]
+    assert min(ppl["ntk"][-1], ppl["dynamic"][-1], ppl["yarn"][-1]) < ppl["default"][-1]
+    assert ppl["linear"][0] > 1.1 * ppl["default"][0]  # PI changes even the short context
+    short = lengths.sweep_tiny(model, windows[:, :lengths.TRAIN_LEN + 1], factor=4.0, bin_size=lengths.TRAIN_LEN)
+    assert short["dynamic"] == short["default"]  # an input no longer than L: dynamic NTK is plain RoPE
+    assert ppl["dynamic"][0] != ppl["default"][0]  # in a 4L window, it rescales every position
+    assert model.config.rope_scaling is None  # the sweep restores the model
