@@ -220,3 +220,15 @@ def test_chapter_claims_on_the_tiny_model(tiny):
     assert short["dynamic"] == short["default"]  # an input no longer than L: dynamic NTK is plain RoPE
     assert ppl["dynamic"][0] != ppl["default"][0]  # in a 4L window, it rescales every position
     assert model.config.rope_scaling is None  # the sweep restores the model
+
+
+def test_smollm2_with_skipped_positions_breaks_with_plain_rope_only():
+    """The chapter's PoSE claim: past 8192 plain RoPE explodes, NTK-aware / dynamic NTK / YaRN stay near their value
+    at distances seen in training."""
+    from lectlib import data, models
+    model, tokenizer = models.load()
+    windows = lengths.eval_windows(data.tokens(tokenizer)[-200_000:], 128, 1)
+    ppl = lengths.pose_sweep(model, windows, jump_at=64, offsets=[4096, 24576], original=8192, factor=4.0)
+    assert ppl["default"][1] > 4 * ppl["default"][0]
+    for method in ("ntk", "dynamic", "yarn"):
+        assert ppl[method][1] < 1.6 * ppl[method][0] and ppl[method][1] < ppl["default"][1] / 3
