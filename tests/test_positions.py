@@ -222,11 +222,11 @@ def test_chapter_claims_on_the_tiny_model(tiny):
     assert model.config.rope_scaling is None  # the sweep restores the model
 
 
-def test_smollm2_with_skipped_positions_breaks_with_plain_rope_only():
+def test_smollm2_with_skipped_positions_breaks_with_plain_rope_only(smollm):
     """The chapter's PoSE claim: past 8192 plain RoPE explodes, NTK-aware / dynamic NTK / YaRN stay near their value
     at distances seen in training."""
-    from lectlib import data, models
-    model, tokenizer = models.load()
+    from lectlib import data
+    model, tokenizer = smollm
     windows = lengths.eval_windows(data.tokens(tokenizer)[-200_000:], 128, 1)
     ppl = lengths.pose_sweep(model, windows, jump_at=64, offsets=[4096, 24576], original=8192, factor=4.0)
     assert ppl["default"][1] > 4 * ppl["default"][0]
