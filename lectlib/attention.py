@@ -58,3 +58,20 @@ def sdpa_attention(q, k, v, *, causal: bool = False, scale: float | None = None)
     if n_q == n_k:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(n_q, n_k, q.device), scale=scale)
+
+
+def naive_attention(q, k, v, *, causal: bool = False, scale: float | None = None) -> torch.Tensor:
+    """Attention as written (Vaswani et al. 2017, eq. 1): S = QKᵀ·scale, P = softmax(S), O = PV.
+
+    Materializes the (B, H, N_q, N_k) score matrix: O(N²) memory. Returns (B, H, N_q, D).
+    A row whose keys are all masked has no defined softmax and returns zeros.
+    """
+    check_qkv(q, k, v)
+    n_rep = q.shape[1] // k.shape[1]
+    k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    s = (q @ k.transpose(-1, -2)) * scale  # (B, H, N_q, N_k)
+    if causal:
+        s = s.masked_fill(~causal_mask(q.shape[2], k.shape[2], q.device), float("-inf"))
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # (B, H, N_q, N_k)
+    return p @ v
