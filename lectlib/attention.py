@@ -75,3 +75,104 @@ def naive_attention(q, k, v, *, causal: bool = False, scale: float | None = None
         s = s.masked_fill(~causal_mask(q.shape[2], k.shape[2], q.device), float("-inf"))
     p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # (B, H, N_q, N_k)
     return p @ v
+
+
+def _prepare(q, k, v, scale):
+    """Validate, expand GQA heads, and resolve the default scale: (q, k, v, scale)."""
+    check_qkv(q, k, v)
+    n_rep = q.shape[1] // k.shape[1]
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    return q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), scale
+
+
+def online_softmax_step(m, z, o, s, v):
+    """One step of the online-softmax recurrence (Milakov & Gimelshein 2018; the lectures' form).
+
+    State after keys 1..i-1: running max m, denominator z = Σ exp(s_j - m), normalized output
+    o = Σ softmax_j v_j. A new score s with value vector v gives, with m' = max(m, s):
+
+        z' = z·exp(m - m') + exp(s - m')
+        o' = (o·z·exp(m - m') + v·exp(s - m')) / z'
+
+    Shapes: m, z, s (...,); o, v (..., D). The state starts at m = -inf, z = 0, o = 0. A key with
+    s = -inf (masked) changes nothing; while every key so far is masked the output stays 0.
+    """
+    m_new = torch.maximum(m, s)
+    # Subtracting a max of -inf would give -inf - (-inf) = nan; all weights are 0 then anyway.
+    m_ref = m_new.masked_fill(m_new == float("-inf"), 0.0)
+    decay, e = torch.exp(m - m_ref), torch.exp(s - m_ref)
+    z_new = z * decay + e
+    o_new = (o * (z * decay)[..., None] + v * e[..., None]) / z_new.clamp_min(torch.finfo(z.dtype).tiny)[..., None]
+    return m_new, z_new, o_new
+
+
+def online_softmax_attention(q, k, v, *, causal: bool = False, scale: float | None = None) -> torch.Tensor:
+    """Attention in one pass over the keys with the online-softmax recurrence: (B, H, N_q, D).
+
+    Reads key j, scores every query against it, and folds it into the running (max, denominator,
+    output) of `online_softmax_step`; no N_q x N_k matrix exists. One key per step, so it is
+    slow: it is written to be read, and `blockwise_attention` is the same idea a block at a time.
+    """
+    q, k, v, scale = _prepare(q, k, v, scale)
+    n_q, n_k = q.shape[2], k.shape[2]
+    m = torch.full(q.shape[:-1], float("-inf"), dtype=q.dtype, device=q.device)
+    z = torch.zeros_like(m)
+    o = torch.zeros_like(q)
+    visible = causal_mask(n_q, n_k, q.device) if causal else None
+    for j in range(n_k):
+        s = (q * k[:, :, j, None, :]).sum(-1) * scale  # (B, H, N_q): every query against key j
+        if visible is not None:
+            s = s.masked_fill(~visible[:, j], float("-inf"))
+        m, z, o = online_softmax_step(m, z, o, s, v[:, :, j, None, :])
+    return o
+
+
+def merge_attention_blocks(o_a, m_a, l_a, o_b, m_b, l_b):
+    """Combine attention over two disjoint key sets into attention over their union.
+
+    Each part is its normalized output o (..., D), the max of its scores m (...,) and its
+    denominator l = Σ exp(s - m) (...,); m = -inf, l = 0 marks a part with no visible key. With
+    m' = max(m_a, m_b), each part is rescaled from its own max to the common one
+    (FlashAttention, Dao et al. 2022, Algorithm 1, lines 11-12):
+
+        l' = exp(m_a - m')·l_a + exp(m_b - m')·l_b
+        o' = (exp(m_a - m')·l_a·o_a + exp(m_b - m')·l_b·o_b) / l'
+
+    Keeping the max apart from l (rather than one log-sum-exp m + log l) keeps the weights exact
+    when scores are large: m_a - m' is a difference of two scores. Returns (o', m', l').
+    """
+    m = torch.maximum(m_a, m_b)
+    m_ref = m.masked_fill(m == float("-inf"), 0.0)
+    w_a, w_b = torch.exp(m_a - m_ref) * l_a, torch.exp(m_b - m_ref) * l_b
+    l = w_a + w_b
+    o = (w_a[..., None] * o_a + w_b[..., None] * o_b) / l.clamp_min(torch.finfo(l.dtype).tiny)[..., None]
+    return o, m, l
+
+
+def blockwise_attention(q, k, v, *, causal: bool = False, scale: float | None = None, block_size: int = 128,
+                        return_lse: bool = False):
+    """Memory-efficient attention over blocks of `block_size` keys (Rabe & Staats 2021): (B, H, N_q, D).
+
+    Each block's scores (B, H, N_q, block_size) give that block's max, denominator and output;
+    blocks are folded together with `merge_attention_blocks`. Peak extra memory is
+    O(N_q · block_size), linear in N, against naive attention's O(N_q · N_k). With `return_lse`,
+    also returns each query's log-sum-exp of scores (B, H, N_q) (-inf where it sees no key).
+    """
+    if not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    q, k, v, scale = _prepare(q, k, v, scale)
+    n_q, n_k = q.shape[2], k.shape[2]
+    o = torch.zeros_like(q)
+    m = torch.full(q.shape[:-1], float("-inf"), dtype=q.dtype, device=q.device)
+    l = torch.zeros_like(m)
+    for start in range(0, n_k, block_size):
+        end = min(start + block_size, n_k)
+        s = (q @ k[:, :, start:end].transpose(-1, -2)) * scale  # (B, H, N_q, block)
+        if causal:
+            s = s.masked_fill(~causal_mask(n_q, n_k, q.device)[:, start:end], float("-inf"))
+        m_block = s.amax(dim=-1)
+        p = torch.exp(s - m_block.masked_fill(m_block == float("-inf"), 0.0)[..., None])
+        l_block = p.sum(dim=-1)
+        o_block = (p @ v[:, :, start:end]) / l_block.clamp_min(torch.finfo(l.dtype).tiny)[..., None]
+        o, m, l = merge_attention_blocks(o, m, l, o_block, m_block, l_block)
+    return (o, m + torch.log(l)) if return_lse else o
