@@ -176,3 +176,12 @@ def blockwise_attention(q, k, v, *, causal: bool = False, scale: float | None = 
         o_block = (p @ v[:, :, start:end]) / l_block.clamp_min(torch.finfo(l.dtype).tiny)[..., None]
         o, m, l = merge_attention_blocks(o, m, l, o_block, m_block, l_block)
     return (o, m + torch.log(l)) if return_lse else o
+
+
+def __getattr__(name):
+    # flash_attention lives in lectlib.flash, which imports Triton: load it only when asked for.
+    if name == "flash_attention":
+        from .flash import flash_attention
+
+        return flash_attention
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
