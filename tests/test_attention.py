@@ -1,0 +1,162 @@
+"""Attention variants against independent oracles: torch SDPA and the softmax formula in float64."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lectlib import profiling
+from lectlib.attention import (blockwise_attention, merge_attention_blocks, naive_attention, online_softmax_attention,
+                               online_softmax_step)
+
+VARIANTS = {
+    "naive": naive_attention,
+    "online": online_softmax_attention,
+    "blockwise": lambda q, k, v, **kw: blockwise_attention(q, k, v, block_size=3, **kw),
+}
+
+
+def sdpa_oracle(q, k, v, *, causal, scale):
+    """torch SDPA with K/V heads repeated by hand and an explicit end-aligned mask; NaN rows (no key) -> 0."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    n_q, n_k = q.shape[2], k.shape[2]
+    mask = None
+    if causal:
+        mask = torch.arange(n_k)[None, :] - torch.arange(n_q)[:, None] <= n_k - n_q
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).nan_to_num(0.0)
+
+
+@st.composite
+def qkv(draw, max_n=20):
+    b, h_kv, rep = draw(st.integers(1, 2)), draw(st.integers(1, 2)), draw(st.integers(1, 3))
+    n_q, n_k, d = draw(st.integers(1, max_n)), draw(st.integers(1, max_n)), draw(st.integers(1, 9))
+    seed = draw(st.integers(0, 2**16))
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h_kv * rep, n_q, d, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(b, h_kv, n_k, d, generator=g, dtype=torch.float64) for _ in range(2))
+    return q, k, v
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+@settings(max_examples=40, deadline=None)
+@given(qkv=qkv(), causal=st.booleans(), scale=st.one_of(st.none(), st.floats(0.05, 4.0)))
+def test_variant_equals_sdpa(name, qkv, causal, scale):
+    q, k, v = qkv
+    out = VARIANTS[name](q, k, v, causal=causal, scale=scale)
+    torch.testing.assert_close(out, sdpa_oracle(q, k, v, causal=causal, scale=scale), rtol=1e-9, atol=1e-9)
+
+
+@settings(max_examples=30, deadline=None)
+@given(qkv=qkv(max_n=40), causal=st.booleans(), block_size=st.integers(1, 50))
+def test_blockwise_any_block_size_and_its_log_sum_exp(qkv, causal, block_size):
+    q, k, v = qkv
+    out, lse = blockwise_attention(q, k, v, causal=causal, block_size=block_size, return_lse=True)
+    torch.testing.assert_close(out, naive_attention(q, k, v, causal=causal), rtol=1e-9, atol=1e-9)
+    s = (q @ k.repeat_interleave(q.shape[1] // k.shape[1], 1).transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    if causal:
+        s = s.masked_fill(torch.arange(k.shape[2])[None, :] - torch.arange(q.shape[2])[:, None] > k.shape[2] - q.shape[2],
+                          float("-inf"))
+    torch.testing.assert_close(lse, torch.logsumexp(s, -1), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_large_logits_that_overflow_a_naive_exp(name):
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(1, 2, 9, 8, generator=g) * 100  # scores of order 1e4
+    k, v = torch.randn(1, 2, 11, 8, generator=g) * 100, torch.randn(1, 2, 11, 8, generator=g)
+    s = q @ k.transpose(-1, -2) / math.sqrt(8)
+    assert s.abs().max() > 1e4 and torch.isinf(torch.exp(s)).any()  # softmax without its max fails here
+    expected = torch.softmax(s.double(), -1) @ v.double()
+    torch.testing.assert_close(VARIANTS[name](q, k, v).double(), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_queries_that_see_no_key_return_zeros(name):
+    # Causal with 7 queries and 4 keys, end-aligned: the first 3 queries precede every key.
+    q, k, v = torch.randn(1, 1, 7, 5), torch.randn(1, 1, 4, 5), torch.randn(1, 1, 4, 5)
+    out = VARIANTS[name](q, k, v, causal=True)
+    assert torch.equal(out[:, :, :3], torch.zeros(1, 1, 3, 5))
+    assert torch.isfinite(out).all() and out[:, :, 3:].abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_gqa_equals_repeated_heads(name):
+    q, k, v = torch.randn(2, 6, 5, 4), torch.randn(2, 2, 8, 4), torch.randn(2, 2, 8, 4)
+    fn = VARIANTS[name]
+    torch.testing.assert_close(fn(q, k, v, causal=True),
+                               fn(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1), causal=True))
+    # Head h reads KV head h // 3: swapping the KV heads changes the first three query heads.
+    assert not torch.allclose(fn(q, k.flip(1), v.flip(1))[:, :3], fn(q, k, v)[:, :3])
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_inputs_are_validated(name):
+    fn = VARIANTS[name]
+    q = torch.randn(1, 4, 3, 8)
+    with pytest.raises(ValueError, match="q must be"):
+        fn(q[0], q, q)
+    with pytest.raises(ValueError, match="must divide"):
+        fn(q, torch.randn(1, 3, 3, 8), torch.randn(1, 3, 3, 8))
+    with pytest.raises(ValueError, match="head_dim"):
+        fn(q, torch.randn(1, 4, 3, 7), torch.randn(1, 4, 3, 7))
+
+
+def test_block_size_is_validated():
+    q = torch.randn(1, 1, 3, 4)
+    with pytest.raises(ValueError, match="block_size"):
+        blockwise_attention(q, q, q, block_size=0)
+
+
+def test_online_softmax_step_keeps_max_denominator_and_output():
+    g = torch.Generator().manual_seed(2)
+    s, v = torch.randn(3, 10, generator=g, dtype=torch.float64) * 30, torch.randn(3, 10, 4, generator=g, dtype=torch.float64)
+    s[0, :4] = float("-inf")  # masked keys first: the state must stay empty, not nan
+    m, z, o = torch.full((3,), float("-inf"), dtype=torch.float64), torch.zeros(3, dtype=torch.float64), torch.zeros(3, 4, dtype=torch.float64)
+    for j in range(10):
+        m, z, o = online_softmax_step(m, z, o, s[:, j], v[:, j])
+        seen = s[:, : j + 1]
+        torch.testing.assert_close(m, seen.amax(-1))
+        torch.testing.assert_close(z, torch.exp(seen - seen.amax(-1, keepdim=True)).sum(-1).nan_to_num(0.0))
+        torch.testing.assert_close(o, torch.einsum("rj,rjd->rd", torch.softmax(seen, -1), v[:, : j + 1]).nan_to_num(0.0))
+
+
+def test_merge_attention_blocks_equals_attention_over_the_union():
+    g = torch.Generator().manual_seed(3)
+    s, v = torch.randn(2, 12, generator=g, dtype=torch.float64) * 50, torch.randn(2, 12, 3, generator=g, dtype=torch.float64)
+
+    def part(lo, hi):
+        x = s[:, lo:hi]
+        if hi == lo:
+            return torch.zeros(2, 3, dtype=x.dtype), torch.full((2,), float("-inf"), dtype=x.dtype), torch.zeros(2, dtype=x.dtype)
+        m = x.amax(-1)
+        return torch.einsum("rj,rjd->rd", torch.softmax(x, -1), v[:, lo:hi]), m, torch.exp(x - m[:, None]).sum(-1)
+
+    whole = part(0, 12)
+    for cut in (0, 1, 5, 12):  # an empty part is the identity
+        merged = merge_attention_blocks(*part(0, cut), *part(cut, 12))
+        for got, want in zip(merged, whole):
+            torch.testing.assert_close(got, want)
+
+
+def test_blockwise_peak_memory_is_linear_where_naive_is_quadratic():
+    """Measured with the torch profiler's allocation trace (lectlib.profiling), fp32, one head, D=16."""
+    torch.manual_seed(0)
+
+    def peak(fn, n):
+        q, k, v = (torch.randn(1, 1, n, 16) for _ in range(3))
+        return profiling.peak_memory_bytes(lambda: fn(q, k, v))
+
+    block = 256
+    naive = {n: peak(naive_attention, n) for n in (1024, 2048, 4096)}
+    blockwise = {n: peak(lambda q, k, v: blockwise_attention(q, k, v, block_size=block), n) for n in (4096, 8192, 16384)}
+    # Naive holds the N x N scores (4 bytes each): doubling N quadruples its peak.
+    assert naive[4096] >= 4096**2 * 4
+    assert 3.5 < naive[2048] / naive[1024] < 4.5 and 3.5 < naive[4096] / naive[2048] < 4.5
+    # Blockwise holds N x block scores: doubling N doubles its peak, far below N x N.
+    assert 1.7 < blockwise[8192] / blockwise[4096] < 2.3 and 1.7 < blockwise[16384] / blockwise[8192] < 2.3
+    # At 16k tokens it needs less than naive attention at 4k, and a fraction of one 16k x 16k matrix.
+    assert blockwise[16384] < naive[4096] and blockwise[16384] < 16384**2 * 4 / 8
