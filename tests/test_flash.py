@@ -1,0 +1,139 @@
+"""The Triton FlashAttention kernel against naive attention and SDPA (under the interpreter on CPU: small sizes)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lectlib import attention, flash
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+if not flash.kernel_available(DEVICE)[0]:
+    pytest.skip(f"the kernel cannot run here: {flash.kernel_available(DEVICE)[1]}", allow_module_level=True)
+
+
+def make(b, h, h_kv, n_q, n_k, d, *, seed=0, dtype=torch.float32, grad=False):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, n_q, d, generator=g)
+    k, v = (torch.randn(b, h_kv, n_k, d, generator=g) for _ in range(2))
+    return [t.to(DEVICE, dtype).requires_grad_(grad) for t in (q, k, v)]
+
+
+def reference(q, k, v, *, causal, scale=None):
+    """Naive attention in float64: the oracle for values and, through autograd, gradients."""
+    return attention.naive_attention(q.double(), k.double(), v.double(), causal=causal, scale=scale)
+
+
+@settings(max_examples=25, deadline=None)
+@given(n_q=st.integers(1, 40), n_k=st.integers(1, 40), d=st.sampled_from([16, 24, 32, 64, 128]),
+       h_kv=st.integers(1, 2),
+       rep=st.sampled_from([1, 2]), causal=st.booleans(), seed=st.integers(0, 2**16))
+def test_forward_and_gradients_equal_naive_attention(n_q, n_k, d, h_kv, rep, causal, seed):
+    q, k, v = make(1, h_kv * rep, h_kv, n_q, n_k, d, seed=seed, grad=True)
+    out = flash.flash_attention(q, k, v, causal=causal)
+    expected = reference(q, k, v, causal=causal)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-5)
+    grad_out = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad_out)
+    want = torch.autograd.grad(expected, (q, k, v), grad_out.double())
+    for name, g, w in zip("qkv", got, want):
+        torch.testing.assert_close(g.double(), w.double(), rtol=1e-4, atol=1e-4, msg=lambda m: f"d{name}: {m}")
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_equals_sdpa(causal):
+    q, k, v = make(2, 2, 2, 37, 37, 16, seed=1)
+    expected = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=0.3)
+    torch.testing.assert_close(flash.flash_attention(q, k, v, causal=causal, scale=0.3), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-3), (torch.bfloat16, 2e-2)])
+def test_half_precision(dtype, tol):
+    q, k, v = make(1, 2, 1, 33, 21, 32, seed=2, dtype=dtype)
+    out = flash.flash_attention(q, k, v, causal=True)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.double(), reference(q, k, v, causal=True), rtol=tol, atol=tol)
+
+
+def test_large_logits():
+    q, k, v = make(1, 1, 1, 20, 20, 16, seed=3)
+    q, k = q * 100, k * 100  # scores of order 1e4: exp overflows without the running max
+    assert torch.isinf(torch.exp(q @ k.transpose(-1, -2) / 4)).any()
+    torch.testing.assert_close(flash.flash_attention(q, k, v).double(), reference(q, k, v, causal=False),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_queries_that_see_no_key_return_zeros_and_no_gradient():
+    q, k, v = make(1, 1, 1, 30, 10, 16, seed=4, grad=True)  # causal, end-aligned: queries 0..19 see no key
+    out = flash.flash_attention(q, k, v, causal=True)
+    assert torch.equal(out[:, :, :20].detach(), torch.zeros(1, 1, 20, 16)) and out[:, :, 20:].abs().sum() > 0
+    out.sum().backward()
+    assert torch.equal(q.grad[:, :, :20], torch.zeros(1, 1, 20, 16)) and torch.isfinite(k.grad).all()
+
+
+def test_causal_skips_the_blocks_above_the_diagonal():
+    """Count the inner-loop steps: causal attention visits the blocks on and below the diagonal only."""
+    calls = []
+
+    def counting_step(s, v, m_i, l_i, acc):
+        calls.append(1)
+        return flash.block_step(s, v, m_i, l_i, acc)
+
+    n, d = 64, 16
+    block_m, block_n, _ = flash._config(d)["fwd"]
+    q, k, v = make(1, 1, 1, n, n, d, seed=5)
+    for causal in (False, True):
+        calls.clear()
+        out, _ = flash.forward(q, k, v, causal=causal, step=counting_step)
+        torch.testing.assert_close(out.double(), reference(q, k, v, causal=causal), rtol=1e-4, atol=1e-5)
+        visited = len(calls)
+        if not causal:
+            assert visited == (n // block_m) * (n // block_n)
+    full, rows = (n // block_m) * (n // block_n), n // block_m
+    assert visited == (full + rows) // 2 if block_m == block_n else visited < full
+
+
+def test_a_wrong_inner_loop_is_caught():
+    """Forgetting to rescale the running sums when the max grows gives wrong outputs."""
+    import triton.language as tl
+
+    def no_rescale(s, v, m_i, l_i, acc):
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        return m_new, l_i + tl.sum(p, 1), acc + tl.dot(p.to(v.dtype), v)
+
+    q, k, v = make(1, 1, 1, 40, 40, 16, seed=6)
+    out, _ = flash.forward(q, k, v, step=no_rescale)
+    assert (out.double() - reference(q, k, v, causal=False)).abs().max() > 0.05
+
+
+def test_fallback_says_why_once_and_stays_correct(monkeypatch, capsys):
+    monkeypatch.setattr(flash, "kernel_available", lambda device: (False, "Tesla T4 is sm75"))
+    monkeypatch.setattr(flash, "_fallback_said", False)
+    q, k, v = make(1, 2, 1, 9, 9, 16, seed=7, grad=True)
+    out = flash.flash_attention(q, k, v, causal=True)
+    flash.flash_attention(q, k, v, causal=True)
+    said = capsys.readouterr().out
+    assert said.count("Tesla T4 is sm75") == 1 and "blockwise_attention" in said
+    torch.testing.assert_close(out.double(), reference(q, k, v, causal=True), rtol=1e-5, atol=1e-6)
+    out.sum().backward()
+    assert torch.isfinite(q.grad).all()
+
+
+def test_inputs_are_validated():
+    q, k, v = make(1, 2, 2, 4, 4, 16)
+    with pytest.raises(ValueError, match="must divide"):
+        flash.flash_attention(q, k[:, :1].expand(1, 3, 4, 16), v[:, :1].expand(1, 3, 4, 16))
+    with pytest.raises(ValueError, match="head_dim"):
+        flash.flash_attention(q[..., :8], k, v)
+    wide = torch.zeros(1, 1, 2, 512)
+    with pytest.raises(ValueError, match="head_dim 512"):
+        flash.flash_attention(wide, wide, wide)
+
+
+def test_lazy_export_from_attention():
+    assert attention.flash_attention is flash.flash_attention
+    assert math.isclose(flash.LOG2E, 1 / math.log(2))
