@@ -111,8 +111,8 @@ def speed(*, lengths, head_dims, causals, dtype, device, tokens: int, width: int
                                                 direction=direction)
                         rows.append(dict(method=method, direction=direction, n=n, head_dim=head_dim, causal=causal,
                                          batch=batch, heads=heads, ms=seconds * 1e3, tflops=flops / seconds / 1e12))
-                    print(table([r for r in rows[-len(measured):]], ["method", "direction", "n", "head_dim", "causal",
-                                                                    "ms", "tflops"]).splitlines()[-1], flush=True)
+                    done = table(rows[-len(measured):], ["method", "direction", "n", "head_dim", "causal", "ms", "tflops"])
+                    print("\n".join(done.splitlines()[1:]), flush=True)
     return rows
 
 
@@ -167,6 +167,20 @@ def speed_figure(result: dict, *, direction: str = "fwd", head_dim: int = 128, c
                            title=f"{direction}, D={head_dim}, {'causal' if causal else 'not causal'} "
                                  f"({env['device']}, {env['date']})",
                            x_title="sequence length N", y_title="TFLOP/s")
+
+
+def memory_figure(result: dict):
+    """Peak memory of one forward against N per method, from one recorded result (the memory rows)."""
+    from .. import viz
+
+    rows = [r for r in result["rows"] if r.get("kind") == "memory"]
+    methods = sorted({r["method"] for r in rows})
+    lengths = sorted({r["n"] for r in rows})
+    by = {(r["method"], r["n"]): r["peak_bytes"] / 2**20 for r in rows}
+    env = result["environment"]
+    return viz.line_figure(lengths, {m: [by.get((m, n)) for n in lengths] for m in methods}, log_x=True, log_y=True,
+                           title=f"Peak memory of one forward ({env['device']}, {env['date']})",
+                           x_title="sequence length N", y_title="MiB")
 
 
 def main(argv: list[str]) -> None:
