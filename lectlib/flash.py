@@ -27,6 +27,8 @@ if not torch.cuda.is_available():
 
 import triton  # noqa: E402  (the interpreter must be chosen before the kernels are defined)
 import triton.language as tl  # noqa: E402
+from triton.compiler.errors import CompilationError  # noqa: E402
+from triton.runtime.errors import OutOfResources  # noqa: E402
 
 from . import attention  # noqa: E402
 
@@ -310,18 +312,20 @@ def flash_attention(q, k, v, *, causal: bool = False, scale: float | None = None
     q (B, H, N_q, D); k, v (B, H_kv, N_k, D) with H_kv dividing H (GQA); fp16, bf16 or fp32;
     D from 16 to 128; any N_q, N_k; `causal` aligns the queries to the end of the keys and skips
     the key blocks a query block cannot see. A row that sees no key returns zeros. Where the
-    kernel cannot run (see `kernel_available`) it prints why, once, and computes
-    `attention.blockwise_attention` (same result, differentiable through autograd).
+    kernel cannot run (see `kernel_available`) or Triton cannot build it for this GPU, it prints
+    why, once, and computes `attention.blockwise_attention` (same result, differentiable).
     """
     attention.check_qkv(q, k, v)
     if not 1 <= q.shape[-1] <= 256:
         raise ValueError(f"q has head_dim {q.shape[-1]}; the kernel supports 1 to 256 (tested 16 to 128)")
     ok, why = kernel_available(q.device)
-    if not ok:
-        global _fallback_said
-        if not _fallback_said:
-            print(f"flash_attention: {why}; using lectlib.attention.blockwise_attention instead.")
-            _fallback_said = True
-        return attention.blockwise_attention(q, k, v, causal=causal, scale=scale)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    return FlashAttention.apply(q, k, v, causal, scale)
+    if ok:
+        try:
+            return FlashAttention.apply(q, k, v, causal, 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale))
+        except (CompilationError, OutOfResources) as error:  # e.g. too little shared memory for these blocks
+            why = f"Triton could not build the kernel here ({type(error).__name__}: {str(error).splitlines()[0]})"
+    global _fallback_said
+    if not _fallback_said:
+        print(f"flash_attention: {why}; using lectlib.attention.blockwise_attention instead.")
+        _fallback_said = True
+    return attention.blockwise_attention(q, k, v, causal=causal, scale=scale)

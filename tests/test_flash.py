@@ -137,3 +137,15 @@ def test_inputs_are_validated():
 def test_lazy_export_from_attention():
     assert attention.flash_attention is flash.flash_attention
     assert math.isclose(flash.LOG2E, 1 / math.log(2))
+
+
+def test_a_kernel_that_cannot_be_built_falls_back(monkeypatch, capsys):
+    def out_of_resources(*args, **kwargs):
+        raise flash.OutOfResources(required=300_000, limit=101_376, name="shared memory")
+
+    monkeypatch.setattr(flash.FlashAttention, "apply", out_of_resources)
+    monkeypatch.setattr(flash, "_fallback_said", False)
+    q, k, v = make(1, 1, 1, 9, 9, 16, seed=8)
+    out = flash.flash_attention(q, k, v)
+    assert "OutOfResources" in capsys.readouterr().out
+    torch.testing.assert_close(out.double(), reference(q, k, v, causal=False), rtol=1e-5, atol=1e-6)
