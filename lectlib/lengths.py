@@ -206,6 +206,35 @@ def pose_sweep(model: Llama, windows: torch.Tensor, *, jump_at: int, offsets, or
     return result
 
 
+def pose_passkey(model: Llama, tokenizer, *, length: int, offsets, original: int, factor: float,
+                 methods=METHODS, trials: int = 5, depth: float = 0.25, seed: int = 0) -> dict[str, list[float]]:
+    """{method: [passkey accuracy per offset]} with skipped positions.
+
+    Each prompt (`lectlib.evals.passkey_prompt`) hides a passkey at `depth` of about `length` tokens,
+    in the first half; the second half, the question included, carries position ids shifted by
+    `offset`, so the answer lies more than `offset` positions before the question.
+    """
+    from . import evals
+
+    prompts = [evals.passkey_prompt(tokenizer, length, depth, seed=seed + t) for t in range(trials)]
+    saved = model.config.rope_scaling
+    result = {}
+    for method in methods:
+        set_scaling(model, method, factor, original)
+        row = []
+        for offset in offsets:
+            hits = 0
+            for ids, answer in prompts:
+                n = ids.shape[1]
+                reply = evals.generate_answer(model, tokenizer, ids, max_new_tokens=8,
+                                              positions=pose_positions(n, n // 2, offset))
+                hits += evals.passkey_correct(reply, answer)
+            row.append(hits / trials)
+        result[method] = row
+    model.config.rope_scaling = saved
+    return result
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m lectlib.lengths", description=__doc__.split("\n")[0])
     parser.add_argument("command", choices=["train"], help="train: make data/checkpoints/kjv-tiny-128.pt")

@@ -232,3 +232,10 @@ def test_smollm2_with_skipped_positions_breaks_with_plain_rope_only(smollm):
     assert ppl["default"][1] > 4 * ppl["default"][0]
     for method in ("ntk", "dynamic", "yarn"):
         assert ppl[method][1] < 1.6 * ppl[method][0] and ppl[method][1] < ppl["default"][1] / 3
+
+
+def test_passkey_with_skipped_positions_is_found_near_and_lost_far_with_plain_rope(smollm):
+    model, tokenizer = smollm
+    acc = lengths.pose_passkey(model, tokenizer, length=128, offsets=[0, 24576], original=8192, factor=4.0,
+                               methods=("default",), trials=1)
+    assert acc == {"default": [1.0, 0.0]} and model.config.rope_scaling is None
