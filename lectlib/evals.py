@@ -49,3 +49,213 @@ def token_nlls(model, input_ids: torch.Tensor, *, chunk: int = 512, cache: KVCac
 def perplexity(model, input_ids: torch.Tensor, *, chunk: int = 512, cache: KVCache | None = None) -> float:
     """exp(mean next-token NLL) of `input_ids` (1, N) under `model`."""
     return math.exp(token_nlls(model, input_ids, chunk=chunk, cache=cache).mean().item())
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation shared by every retrieval task: one greedy answer from lectlib's Llama or a HF model.
+
+def _is_lectlib(model) -> bool:
+    return isinstance(model, torch.nn.Module) and hasattr(model, "hidden_states")
+
+
+def _check_ids(input_ids) -> None:
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise ValueError(f"input_ids must be a (1, N) tensor, got {shape}")
+    if input_ids.shape[1] == 0:
+        raise ValueError("input_ids must hold at least one token, got (1, 0)")
+
+
+@torch.no_grad()
+def generate_answer(model, tokenizer, input_ids: torch.Tensor, *, max_new_tokens: int = 12,
+                    cache: KVCache | None = None, positions: torch.Tensor | None = None,
+                    stop: str | None = "\n") -> str:
+    """Greedy continuation of the prompt `input_ids` (1, N), decoded, until EOS, `stop` or `max_new_tokens`.
+
+    `model` is lectlib's Llama (its KV cache `cache`, a fresh full `KVCache` by default, lets a
+    caller evaluate a compression policy) or a Hugging Face causal LM (its own cache). With
+    `positions` (N,) the prompt sits at those positions and the answer continues from
+    positions[-1] + 1, so a chapter can place a prompt beyond the trained context.
+    """
+    _check_ids(input_ids)
+    if max_new_tokens <= 0:
+        raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
+    if positions is not None and (positions.dim() != 1 or positions.shape[0] != input_ids.shape[1]):
+        raise ValueError(f"positions must be ({input_ids.shape[1]},), one per prompt token, got {tuple(positions.shape)}")
+    device = next(model.parameters()).device
+    input_ids = input_ids.to(device)
+    next_pos = input_ids.shape[1] if positions is None else int(positions[-1]) + 1
+    positions = None if positions is None else positions.to(device)
+    lectlib = _is_lectlib(model)
+    if lectlib:
+        cache = KVCache() if cache is None else cache
+        logits = model(input_ids, cache=cache, positions=positions)[:, -1]
+    else:
+        position_ids = None if positions is None else positions[None]
+        out = model(input_ids, position_ids=position_ids, past_key_values=cache, use_cache=True)
+        cache, logits = out.past_key_values, out.logits[:, -1]
+    new: list[int] = []
+    for step in range(max_new_tokens):
+        token = int(logits[0].argmax())
+        if token == tokenizer.eos_token_id:
+            break
+        new.append(token)
+        text_so_far = tokenizer.decode(new, skip_special_tokens=True)
+        if stop and stop in text_so_far.lstrip() or step == max_new_tokens - 1:
+            break
+        ids = torch.tensor([[token]], device=device)
+        pos = torch.tensor([next_pos + step], device=device)
+        if lectlib:
+            logits = model(ids, cache=cache, positions=pos)[:, -1]
+        else:
+            out = model(ids, position_ids=pos[None], past_key_values=cache, use_cache=True)
+            cache, logits = out.past_key_values, out.logits[:, -1]
+    text = tokenizer.decode(new, skip_special_tokens=True).strip()
+    return text.split(stop)[0].strip() if stop else text
+
+
+# ---------------------------------------------------------------------------------------------
+# Passkey retrieval (Mohtashami & Jaggi 2023, "Landmark Attention"): a number hidden in filler.
+
+PASSKEY_INTRO = ("There is an important info hidden inside a lot of irrelevant text. "
+                 "Find it and memorize it. I will quiz you about the important information there.")
+PASSKEY_FILLER = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.",
+                  "There and back again.")
+PASSKEY_KEY = "The pass key is {passkey}. Remember it. {passkey} is the pass key."
+PASSKEY_QUESTION = "What is the pass key? The pass key is"
+
+
+def _check_length_depth(length: int, depth: float) -> None:
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth must lie in [0, 1] (0 = start of the context, 1 = its end), got {depth}")
+    if length <= 0:
+        raise ValueError(f"length must be a positive number of tokens, got {length}")
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def _chat_parts(tokenizer, chat: bool) -> tuple[list[int], list[int]]:
+    """Token ids before the user's message and between it and the answer (empty without chat)."""
+    if not chat:
+        return [], []
+    marker = "\x00"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False,
+                                         add_generation_prompt=True)
+    before, after = text.split(marker)
+    return _encode(tokenizer, before), _encode(tokenizer, after)
+
+
+def _fill(tokenizer, sentences, n_tokens: int) -> list[list[int]]:
+    """Whole filler sentences, cycled, whose tokens add up to at most `n_tokens` (one list per sentence)."""
+    pieces = [_encode(tokenizer, " " + s) for s in sentences]
+    out, total, i = [], 0, 0
+    while total + len(pieces[i % len(pieces)]) <= n_tokens:
+        out.append(pieces[i % len(pieces)])
+        total += len(out[-1])
+        i += 1
+    return out
+
+
+def _random_passkey(seed: int) -> str:
+    return str(int(torch.randint(10_000, 100_000, (1,), generator=torch.Generator().manual_seed(seed))))
+
+
+def passkey_prompt(tokenizer, length: int, depth: float, passkey: int | str | None = None, *, seed: int = 0,
+                   chat: bool = False) -> tuple[torch.Tensor, str]:
+    """The passkey prompt of about `length` tokens with the key sentence at relative `depth`.
+
+    Layout: intro, filler sentences, the key sentence "The pass key is 68301. ...", more filler,
+    then the question "What is the pass key? The pass key is" that the model completes.
+    `depth` in [0, 1] is the fraction of the filler placed before the key; whole filler sentences
+    only, so the prompt is within one filler sentence (about 6 tokens) of `length`.
+    `passkey` None draws a five-digit key from `seed`; `chat` wraps the prompt in the tokenizer's
+    chat template (for instruct models; the question then ends the assistant's turn).
+    Returns (input_ids (1, N) int64, answer string).
+    """
+    _check_length_depth(length, depth)
+    answer = _random_passkey(seed) if passkey is None else str(passkey)
+    if not answer.isdigit():
+        raise ValueError(f"passkey must be a number, got {passkey!r}")
+    head, tail = _chat_parts(tokenizer, chat)
+    intro = _encode(tokenizer, PASSKEY_INTRO)
+    key = _encode(tokenizer, " " + PASSKEY_KEY.format(passkey=answer))
+    if chat:
+        question = _encode(tokenizer, "\n\nWhat is the pass key?") + tail + _encode(tokenizer, "The pass key is")
+    else:
+        question = _encode(tokenizer, "\n\n" + PASSKEY_QUESTION)
+    fixed = len(head) + len(intro) + len(key) + len(question)
+    filler = _fill(tokenizer, PASSKEY_FILLER, length - fixed)
+    split = round(depth * len(filler))
+    before = [t for piece in filler[:split] for t in piece]
+    after = [t for piece in filler[split:] for t in piece]
+    ids = head + intro + before + key + after + question
+    return torch.tensor([ids], dtype=torch.int64), answer
+
+
+def passkey_correct(generated: str, answer: str) -> bool:
+    """Exact match: the first number in the model's answer is the passkey."""
+    import re
+
+    found = re.search(r"\d+", generated)
+    return found is not None and found.group() == answer
+
+
+# ---------------------------------------------------------------------------------------------
+# Grids: every task is a cell function (length, depth, trial) -> (score, answer, n_tokens).
+
+def _run_grid(cell, lengths, depths, trials: int, desc: str, progress: bool) -> list[dict]:
+    """Tidy rows {length, depth, accuracy, tokens, seconds, answers} for each (length, depth)."""
+    import time
+
+    from tqdm.auto import tqdm
+
+    if trials <= 0:
+        raise ValueError(f"trials must be positive, got {trials}")
+    lengths, depths = list(lengths), list(depths)
+    if not lengths or not depths:
+        raise ValueError(f"lengths and depths must be non-empty, got {lengths} and {depths}")
+    for length in lengths:
+        for depth in depths:
+            _check_length_depth(length, depth)
+    rows = []
+    bar = tqdm(total=len(lengths) * len(depths) * trials, desc=desc, disable=not progress)
+    for length in lengths:
+        for depth in depths:
+            start = time.perf_counter()
+            scores, answers, n_tokens = [], [], 0
+            for trial in range(trials):
+                score, answer, n_tokens = cell(length, depth, trial)
+                scores.append(float(score))
+                answers.append(answer)
+                bar.update()
+            rows.append({"length": length, "depth": depth, "accuracy": sum(scores) / trials, "tokens": n_tokens,
+                         "seconds": time.perf_counter() - start, "answers": answers})
+    bar.close()
+    return rows
+
+
+def _answer(model, tokenizer, ids, *, cache_factory, position_offset: int, max_new_tokens: int) -> str:
+    positions = None if not position_offset else torch.arange(position_offset, position_offset + ids.shape[1])
+    cache = cache_factory() if cache_factory is not None else None
+    return generate_answer(model, tokenizer, ids, max_new_tokens=max_new_tokens, cache=cache, positions=positions)
+
+
+def passkey_accuracy(model, tokenizer, lengths, depths, *, trials: int = 3, seed: int = 0, chat: bool = False,
+                     cache_factory=None, position_offset: int = 0, max_new_tokens: int = 8,
+                     progress: bool = True) -> list[dict]:
+    """Passkey accuracy over the grid lengths x depths: one tidy row per cell.
+
+    Trial t of every cell hides the key drawn from seed `seed * 1000 + t`, so cells are compared
+    on the same keys. `cache_factory()` makes a fresh KV cache per prompt for lectlib's Llama (a
+    compression policy); `position_offset` shifts the prompt's positions (RoPE-scaling chapters).
+    Rows: {length, depth, accuracy, tokens (of the last prompt), seconds, answers (generated)}.
+    """
+    def cell(length, depth, trial):
+        ids, answer = passkey_prompt(tokenizer, length, depth, seed=seed * 1000 + trial, chat=chat)
+        generated = _answer(model, tokenizer, ids, cache_factory=cache_factory, position_offset=position_offset,
+                            max_new_tokens=max_new_tokens)
+        return passkey_correct(generated, answer), generated, ids.shape[1]
+
+    return _run_grid(cell, lengths, depths, trials, "passkey", progress)
