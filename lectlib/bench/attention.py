@@ -8,7 +8,7 @@ FLOPs are the standard count (FlashAttention papers): 4·B·H·N²·D for the fo
 matmuls), halved when causal, and 2.5 times that for the backward. The GPU sweep keeps
 B·N = 16k tokens and H·D = 2048 as the FlashAttention-2 benchmark does, for N = 512 … 16k,
 D = 64 and 128, causal and not, in fp16 (bf16 with --dtype bf16). `--quick` is a CPU smoke run
-at small sizes (the kernel under Triton's interpreter), seconds rather than minutes.
+at small sizes (the kernel under Triton's interpreter), in under a minute.
 
 GPU results are recorded to data/results/attention-<device>.json (`--record` records a CPU run too).
 """
