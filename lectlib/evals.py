@@ -6,6 +6,7 @@ the model's average surprise per token; lower is better.
 """
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -205,35 +206,43 @@ def passkey_correct(generated: str, answer: str) -> bool:
 # ---------------------------------------------------------------------------------------------
 # Grids: every task is a cell function (length, depth, trial) -> (score, answer, n_tokens).
 
-def _run_grid(cell, lengths, depths, trials: int, desc: str, progress: bool) -> list[dict]:
-    """Tidy rows {length, depth, accuracy, tokens, seconds, answers} for each (length, depth)."""
+def _run_grid(cell, grid: dict[str, list], trials: int, desc: str, progress: bool) -> list[dict]:
+    """Tidy rows, one per combination of `grid`'s two axes: {<axis>: value, ..., accuracy, tokens, seconds, answers}.
+
+    `cell(a, b, trial) -> (score in [0, 1], generated text, prompt tokens)`; accuracy is the mean score.
+    """
     import time
 
     from tqdm.auto import tqdm
 
     if trials <= 0:
         raise ValueError(f"trials must be positive, got {trials}")
-    lengths, depths = list(lengths), list(depths)
-    if not lengths or not depths:
-        raise ValueError(f"lengths and depths must be non-empty, got {lengths} and {depths}")
-    for length in lengths:
-        for depth in depths:
-            _check_length_depth(length, depth)
+    (name_a, values_a), (name_b, values_b) = grid.items()
+    if not values_a or not values_b:
+        raise ValueError(f"{name_a} and {name_b} must be non-empty, got {values_a} and {values_b}")
     rows = []
-    bar = tqdm(total=len(lengths) * len(depths) * trials, desc=desc, disable=not progress)
-    for length in lengths:
-        for depth in depths:
+    bar = tqdm(total=len(values_a) * len(values_b) * trials, desc=desc, disable=not progress)
+    for a in values_a:
+        for b in values_b:
             start = time.perf_counter()
             scores, answers, n_tokens = [], [], 0
             for trial in range(trials):
-                score, answer, n_tokens = cell(length, depth, trial)
+                score, answer, n_tokens = cell(a, b, trial)
                 scores.append(float(score))
                 answers.append(answer)
                 bar.update()
-            rows.append({"length": length, "depth": depth, "accuracy": sum(scores) / trials, "tokens": n_tokens,
+            rows.append({name_a: a, name_b: b, "accuracy": sum(scores) / trials, "tokens": n_tokens,
                          "seconds": time.perf_counter() - start, "answers": answers})
     bar.close()
     return rows
+
+
+def _length_depth_grid(lengths, depths) -> dict[str, list]:
+    lengths, depths = list(lengths), list(depths)
+    for length in lengths:
+        for depth in depths:
+            _check_length_depth(length, depth)
+    return {"length": lengths, "depth": depths}
 
 
 def _answer(model, tokenizer, ids, *, cache_factory, position_offset: int, max_new_tokens: int) -> str:
@@ -258,4 +267,126 @@ def passkey_accuracy(model, tokenizer, lengths, depths, *, trials: int = 3, seed
                             max_new_tokens=max_new_tokens)
         return passkey_correct(generated, answer), generated, ids.shape[1]
 
-    return _run_grid(cell, lengths, depths, trials, "passkey", progress)
+    return _run_grid(cell, _length_depth_grid(lengths, depths), trials, "passkey", progress)
+
+
+# ---------------------------------------------------------------------------------------------
+# Needle in a haystack (Kamradt 2023): a sentence at a depth of a long real document.
+
+@dataclass(frozen=True)
+class Needle:
+    """A fact to hide, the question that asks for it, the answer's opening words and the words that score it."""
+
+    sentence: str
+    question: str
+    answer_prefix: str
+    keywords: tuple[str, ...]
+
+
+NEEDLES = {
+    "san_francisco": Needle("The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day.",
+                            "What is the best thing to do in San Francisco?",
+                            "The best thing to do in San Francisco is", ("sandwich", "Dolores Park")),
+    "soup": Needle("The secret ingredient of grandmother's soup is smoked paprika.",
+                   "What is the secret ingredient of grandmother's soup?",
+                   "The secret ingredient of grandmother's soup is", ("smoked paprika",)),
+    "vault": Needle("The code word that opens the old vault is pineapple.",
+                    "What is the code word that opens the old vault?",
+                    "The code word that opens the old vault is", ("pineapple",)),
+}
+
+
+def needle_score(generated: str, keywords) -> float:
+    """Deterministic string match: the fraction of `keywords` found in the answer (case-insensitive)."""
+    if isinstance(keywords, str) or not keywords:
+        raise ValueError(f"keywords must be a non-empty sequence of strings, got {keywords!r}")
+    text = generated.lower()
+    return sum(word.lower() in text for word in keywords) / len(keywords)
+
+
+def sentence_boundaries(tokenizer, ids) -> list[int]:
+    """Indices i in 1..len(ids) where a sentence ends just before token i (the token i-1 ends in . ? or !)."""
+    return [i + 1 for i, t in enumerate(ids) if tokenizer.decode([t]).rstrip().endswith((".", "?", "!"))]
+
+
+def _haystack_start(tokenizer, n: int, seed: int) -> int:
+    """A seeded start in the text's token stream, moved to the start of a line (a verse)."""
+    from . import data
+
+    stream = data.tokens(tokenizer)
+    if n + 1000 > len(stream):
+        raise ValueError(f"length {n} exceeds the {len(stream)} tokens of the text")
+    start = int(torch.randint(0, len(stream) - n - 1000, (1,), generator=torch.Generator().manual_seed(seed)))
+    newline = _encode(tokenizer, "\n")[0]
+    while int(stream[start]) != newline:
+        start += 1
+    return start + 1
+
+
+def needle_prompt(tokenizer, length: int, depth: float, needle: Needle | str = "san_francisco", *, seed: int = 0,
+                  chat: bool = False) -> tuple[torch.Tensor, Needle, int]:
+    """The haystack prompt of exactly `length` tokens with the needle sentence at the boundary nearest `depth`.
+
+    The haystack is a seeded slice of the King James Bible (lectlib.data); the question and the
+    answer's first words ("...San Francisco is") take a buffer at the end, the haystack fills the
+    rest. `depth` is the needle's place as a fraction of the haystack: it goes in at the sentence
+    boundary nearest depth * haystack tokens (0 = before the first token, 1 = after the last).
+    Returns (input_ids (1, length) int64, the needle, the token index where the needle starts).
+    """
+    from . import data
+
+    _check_length_depth(length, depth)
+    needle = NEEDLES[needle] if isinstance(needle, str) else needle
+    head, tail = _chat_parts(tokenizer, chat)
+    sentence = _encode(tokenizer, " " + needle.sentence)
+    if chat:
+        question = _encode(tokenizer, "\n\nQuestion: " + needle.question) + tail + _encode(tokenizer, needle.answer_prefix)
+    else:
+        question = _encode(tokenizer, f"\n\nQuestion: {needle.question}\nAnswer: {needle.answer_prefix}")
+    n_hay = length - len(head) - len(sentence) - len(question)
+    if n_hay < 1:
+        raise ValueError(f"length {length} leaves no room for a haystack (the needle and question take "
+                         f"{length - n_hay} tokens)")
+    start = _haystack_start(tokenizer, n_hay, seed)
+    hay = data.tokens(tokenizer)[start:start + n_hay].tolist()
+    boundaries = [0] + sentence_boundaries(tokenizer, hay) + [n_hay]
+    at = min(boundaries, key=lambda b: (abs(b - depth * n_hay), b))
+    ids = head + hay[:at] + sentence + hay[at:] + question
+    return torch.tensor([ids], dtype=torch.int64), needle, len(head) + at
+
+
+def needle_accuracy(model, tokenizer, lengths, depths, *, needle: Needle | str = "san_francisco", trials: int = 1,
+                    seed: int = 0, chat: bool = False, cache_factory=None, position_offset: int = 0,
+                    max_new_tokens: int = 16, progress: bool = True) -> list[dict]:
+    """Needle-in-a-haystack score (keyword fraction) over lengths x depths: one tidy row per cell.
+
+    Trial t of every cell uses the haystack drawn from seed `seed * 1000 + t`; `cache_factory`
+    and `position_offset` as in `passkey_accuracy`.
+    """
+    def cell(length, depth, trial):
+        ids, found, _ = needle_prompt(tokenizer, length, depth, needle, seed=seed * 1000 + trial, chat=chat)
+        generated = _answer(model, tokenizer, ids, cache_factory=cache_factory, position_offset=position_offset,
+                            max_new_tokens=max_new_tokens)
+        return needle_score(generated, found.keywords), generated, ids.shape[1]
+
+    return _run_grid(cell, _length_depth_grid(lengths, depths), trials, "needle", progress)
+
+
+def grid_matrix(rows: list[dict], *, x: str = "length", y: str = "depth", value: str = "accuracy"):
+    """(z, xs, ys) from tidy rows for a heatmap: z[i][j] is `value` at y = ys[i], x = xs[j]."""
+    xs = sorted({r[x] for r in rows})
+    ys = sorted({r[y] for r in rows})
+    cells = {(r[x], r[y]): r[value] for r in rows}
+    z = [[cells.get((a, b)) for a in xs] for b in ys]
+    return z, xs, ys
+
+
+def accuracy_heatmap(rows: list[dict], *, title: str = "", x: str = "length", y: str = "depth"):
+    """The plotly heatmap of a length x depth grid (hover shows each cell's accuracy)."""
+    from . import viz
+
+    z, xs, ys = grid_matrix(rows, x=x, y=y)
+    return viz.heatmap_figure(z, x=[str(v) for v in xs], y=[f"{v:.0%}" if y == "depth" else str(v) for v in ys],
+                              title=title, x_title=f"context {x} (tokens)" if x == "length" else x,
+                              y_title=f"needle {y}" if y == "depth" else y, colorscale="RdYlGn", zmin=0, zmax=1,
+                              text_format="%{z:.2f}")
