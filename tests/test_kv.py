@@ -164,3 +164,18 @@ def test_bad_arguments_are_named():
         kv.SinkCache(-1, 4)
     with pytest.raises(ValueError, match="window"):
         kv.WindowCache(0)
+
+
+def test_exercise_checks_reject_plausible_mistakes():
+    from lectlib.grading import ExerciseFailure, run_check
+
+    mistakes = {
+        "sink_window_keep": [lambda o, n, s, w: list(range(max(0, o - (w - n)), o)),  # forgets the sinks
+                             lambda o, n, s, w: list(range(min(s, o))) + list(range(max(s, o - w), o))],  # no room
+        "cache_positions": [lambda p, n: (p, p[-n:])],  # keeps text positions
+        "sink_rate": [lambda w, token, eps: (w[:, :, :, token].mean(-1) > eps).float().mean().item()],  # all queries
+    }
+    for name, wrongs in mistakes.items():
+        for wrong in wrongs:
+            with pytest.raises(ExerciseFailure):
+                run_check(name, wrong)
