@@ -70,47 +70,51 @@ def _check_ids(input_ids) -> None:
 @torch.no_grad()
 def generate_answer(model, tokenizer, input_ids: torch.Tensor, *, max_new_tokens: int = 12,
                     cache: KVCache | None = None, positions: torch.Tensor | None = None,
-                    stop: str | None = "\n") -> str:
+                    stop: str | None = "\n", prefill_chunk: int | None = None) -> str:
     """Greedy continuation of the prompt `input_ids` (1, N), decoded, until EOS, `stop` or `max_new_tokens`.
 
     `model` is lectlib's Llama (its KV cache `cache`, a fresh full `KVCache` by default, lets a
     caller evaluate a compression policy) or a Hugging Face causal LM (its own cache). With
     `positions` (N,) the prompt sits at those positions and the answer continues from
     positions[-1] + 1, so a chapter can place a prompt beyond the trained context.
+    `prefill_chunk` feeds the prompt that many tokens at a time, so a cache that evicts does so
+    while reading the prompt too (as a streaming model would), not only while answering.
     """
     _check_ids(input_ids)
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
-    if positions is not None and (positions.dim() != 1 or positions.shape[0] != input_ids.shape[1]):
-        raise ValueError(f"positions must be ({input_ids.shape[1]},), one per prompt token, got {tuple(positions.shape)}")
+    n = input_ids.shape[1]
+    if positions is not None and (positions.dim() != 1 or positions.shape[0] != n):
+        raise ValueError(f"positions must be ({n},), one per prompt token, got {tuple(positions.shape)}")
+    if prefill_chunk is not None and prefill_chunk <= 0:
+        raise ValueError(f"prefill_chunk must be positive or None, got {prefill_chunk}")
     device = next(model.parameters()).device
     input_ids = input_ids.to(device)
-    next_pos = input_ids.shape[1] if positions is None else int(positions[-1]) + 1
-    positions = None if positions is None else positions.to(device)
+    positions = torch.arange(n, device=device) if positions is None else positions.to(device)
     lectlib = _is_lectlib(model)
-    if lectlib:
-        cache = KVCache() if cache is None else cache
-        logits = model(input_ids, cache=cache, positions=positions)[:, -1]
-    else:
-        position_ids = None if positions is None else positions[None]
-        out = model(input_ids, position_ids=position_ids, past_key_values=cache, use_cache=True)
-        cache, logits = out.past_key_values, out.logits[:, -1]
+    cache = KVCache() if lectlib and cache is None else cache
+
+    def step(ids, pos):
+        nonlocal cache
+        if lectlib:
+            return model(ids, cache=cache, positions=pos)[:, -1]
+        out = model(ids, position_ids=pos[None], past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        return out.logits[:, -1]
+
+    chunk = prefill_chunk or n
+    for start in range(0, n, chunk):
+        logits = step(input_ids[:, start:start + chunk], positions[start:start + chunk])
+    next_pos = int(positions[-1]) + 1
     new: list[int] = []
-    for step in range(max_new_tokens):
+    for i in range(max_new_tokens):
         token = int(logits[0].argmax())
         if token == tokenizer.eos_token_id:
             break
         new.append(token)
-        text_so_far = tokenizer.decode(new, skip_special_tokens=True)
-        if stop and stop in text_so_far.lstrip() or step == max_new_tokens - 1:
+        if stop and stop in tokenizer.decode(new, skip_special_tokens=True).lstrip() or i == max_new_tokens - 1:
             break
-        ids = torch.tensor([[token]], device=device)
-        pos = torch.tensor([next_pos + step], device=device)
-        if lectlib:
-            logits = model(ids, cache=cache, positions=pos)[:, -1]
-        else:
-            out = model(ids, position_ids=pos[None], past_key_values=cache, use_cache=True)
-            cache, logits = out.past_key_values, out.logits[:, -1]
+        logits = step(torch.tensor([[token]], device=device), torch.tensor([next_pos + i], device=device))
     text = tokenizer.decode(new, skip_special_tokens=True).strip()
     return text.split(stop)[0].strip() if stop else text
 
@@ -245,14 +249,16 @@ def _length_depth_grid(lengths, depths) -> dict[str, list]:
     return {"length": lengths, "depth": depths}
 
 
-def _answer(model, tokenizer, ids, *, cache_factory, position_offset: int, max_new_tokens: int) -> str:
+def _answer(model, tokenizer, ids, *, cache_factory, position_offset: int, prefill_chunk: int | None,
+            max_new_tokens: int, stop: str | None = "\n") -> str:
     positions = None if not position_offset else torch.arange(position_offset, position_offset + ids.shape[1])
     cache = cache_factory() if cache_factory is not None else None
-    return generate_answer(model, tokenizer, ids, max_new_tokens=max_new_tokens, cache=cache, positions=positions)
+    return generate_answer(model, tokenizer, ids, max_new_tokens=max_new_tokens, cache=cache, positions=positions,
+                           stop=stop, prefill_chunk=prefill_chunk)
 
 
 def passkey_accuracy(model, tokenizer, lengths, depths, *, trials: int = 3, seed: int = 0, chat: bool = False,
-                     cache_factory=None, position_offset: int = 0, max_new_tokens: int = 8,
+                     cache_factory=None, position_offset: int = 0, prefill_chunk: int | None = None, max_new_tokens: int = 8,
                      progress: bool = True) -> list[dict]:
     """Passkey accuracy over the grid lengths x depths: one tidy row per cell.
 
@@ -264,7 +270,7 @@ def passkey_accuracy(model, tokenizer, lengths, depths, *, trials: int = 3, seed
     def cell(length, depth, trial):
         ids, answer = passkey_prompt(tokenizer, length, depth, seed=seed * 1000 + trial, chat=chat)
         generated = _answer(model, tokenizer, ids, cache_factory=cache_factory, position_offset=position_offset,
-                            max_new_tokens=max_new_tokens)
+                            prefill_chunk=prefill_chunk, max_new_tokens=max_new_tokens)
         return passkey_correct(generated, answer), generated, ids.shape[1]
 
     return _run_grid(cell, _length_depth_grid(lengths, depths), trials, "passkey", progress)
@@ -306,7 +312,7 @@ def needle_score(generated: str, keywords) -> float:
 
 def sentence_boundaries(tokenizer, ids) -> list[int]:
     """Indices i in 1..len(ids) where a sentence ends just before token i (the token i-1 ends in . ? or !)."""
-    return [i + 1 for i, t in enumerate(ids) if tokenizer.decode([t]).rstrip().endswith((".", "?", "!"))]
+    return [i + 1 for i, t in enumerate(ids) if tokenizer.decode([t]).endswith((".", "?", "!"))]
 
 
 def _haystack_start(tokenizer, n: int, seed: int) -> int:
@@ -357,16 +363,16 @@ def needle_prompt(tokenizer, length: int, depth: float, needle: Needle | str = "
 
 def needle_accuracy(model, tokenizer, lengths, depths, *, needle: Needle | str = "san_francisco", trials: int = 1,
                     seed: int = 0, chat: bool = False, cache_factory=None, position_offset: int = 0,
-                    max_new_tokens: int = 16, progress: bool = True) -> list[dict]:
+                    prefill_chunk: int | None = None, max_new_tokens: int = 16, progress: bool = True) -> list[dict]:
     """Needle-in-a-haystack score (keyword fraction) over lengths x depths: one tidy row per cell.
 
     Trial t of every cell uses the haystack drawn from seed `seed * 1000 + t`; `cache_factory`
-    and `position_offset` as in `passkey_accuracy`.
+    `position_offset` and `prefill_chunk` as in `passkey_accuracy`.
     """
     def cell(length, depth, trial):
         ids, found, _ = needle_prompt(tokenizer, length, depth, needle, seed=seed * 1000 + trial, chat=chat)
         generated = _answer(model, tokenizer, ids, cache_factory=cache_factory, position_offset=position_offset,
-                            max_new_tokens=max_new_tokens)
+                            prefill_chunk=prefill_chunk, max_new_tokens=max_new_tokens)
         return needle_score(generated, found.keywords), generated, ids.shape[1]
 
     return _run_grid(cell, _length_depth_grid(lengths, depths), trials, "needle", progress)
@@ -390,3 +396,89 @@ def accuracy_heatmap(rows: list[dict], *, title: str = "", x: str = "length", y:
                               title=title, x_title=f"context {x} (tokens)" if x == "length" else x,
                               y_title=f"needle {y}" if y == "depth" else y, colorscale="RdYlGn", zmin=0, zmax=1,
                               text_format="%{z:.2f}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Key-value retrieval, "Lost in the Middle" (Liu et al. 2023, section 3): find one key's value
+# among N random UUID pairs; accuracy against the key's position traces a U.
+
+KV_INSTRUCTION = "Extract the value corresponding to the specified key in the JSON object below."
+
+
+def uuid_pairs(n_pairs: int, *, seed: int = 0) -> list[tuple[str, str]]:
+    """`n_pairs` (key, value) pairs of random version-4 UUID strings, from `seed`."""
+    import uuid
+
+    if n_pairs <= 0:
+        raise ValueError(f"n_pairs must be positive, got {n_pairs}")
+    g = torch.Generator().manual_seed(seed)
+
+    def draw() -> str:
+        bits = torch.randint(0, 2**16, (8,), generator=g).tolist()
+        return str(uuid.UUID(int=sum(b << (16 * i) for i, b in enumerate(bits)), version=4))
+
+    return [(draw(), draw()) for _ in range(n_pairs)]
+
+
+def kv_prompt(tokenizer, n_pairs: int, position: int, *, seed: int = 0, chat: bool = False) -> tuple[torch.Tensor, str]:
+    """The JSON key-value retrieval prompt asking for the key at index `position` of `n_pairs` pairs.
+
+    Returns (input_ids (1, N) int64, the value string). The prompt ends with the value's opening
+    quote, so a model answers with the value and closes the quote.
+    """
+    import json
+
+    if not 0 <= position < n_pairs:
+        raise ValueError(f"position must index one of the {n_pairs} pairs, got {position}")
+    pairs = uuid_pairs(n_pairs, seed=seed)
+    data_json = "{" + ",\n ".join(f"{json.dumps(k)}: {json.dumps(v)}" for k, v in pairs) + "}"
+    key, value = pairs[position]
+    body = f"{KV_INSTRUCTION}\n\nJSON data:\n{data_json}\n\nKey: {json.dumps(key)}"
+    head, tail = _chat_parts(tokenizer, chat)
+    answer = tail + _encode(tokenizer, 'Corresponding value: "') if chat else _encode(tokenizer, '\nCorresponding value: "')
+    ids = head + _encode(tokenizer, body) + answer
+    return torch.tensor([ids], dtype=torch.int64), value
+
+
+def kv_correct(generated: str, value: str, *, match_chars: int | None = 8) -> bool:
+    """Exact match of the value's first `match_chars` characters (None: the whole value).
+
+    The first UUID group (8 hex digits) already tells 4 billion values apart, and a model that
+    starts the right value rarely ends it wrong; matching it needs 6 generated tokens, not 35.
+    """
+    if match_chars is None:
+        return generated == value
+    if match_chars <= 0:
+        raise ValueError(f"match_chars must be positive or None, got {match_chars}")
+    return generated[:match_chars] == value[:match_chars]
+
+
+def kv_accuracy(model, tokenizer, n_pairs, positions=None, *, trials: int = 3, seed: int = 0, chat: bool = False,
+                match_chars: int | None = 8, cache_factory=None, position_offset: int = 0, prefill_chunk: int | None = None,
+                progress: bool = True) -> list[dict]:
+    """Accuracy of key-value retrieval by the asked key's position: rows {pairs, position, accuracy, ...}.
+
+    Scored by `kv_correct` (exact match of the first `match_chars` characters of the value).
+
+    `n_pairs` is a number or a list of them; `positions` (indices, each below every n_pairs)
+    defaults to five evenly spaced ones from first to last. Trial t of every cell uses the pairs
+    drawn from seed `seed * 1000 + t` (the same JSON for every position, as in the paper).
+    """
+    n_list = [n_pairs] if isinstance(n_pairs, int) else list(n_pairs)
+    if positions is None:
+        last = min(n_list) - 1
+        positions = sorted({round(i * last / 4) for i in range(5)})
+    positions = list(positions)
+    for n in n_list:
+        for p in positions:
+            if not 0 <= p < n:
+                raise ValueError(f"positions must index pairs of every n_pairs, got position {p} for {n} pairs")
+
+    def cell(n, position, trial):
+        ids, value = kv_prompt(tokenizer, n, position, seed=seed * 1000 + trial, chat=chat)
+        target = value if match_chars is None else value[:match_chars]
+        generated = _answer(model, tokenizer, ids, cache_factory=cache_factory, position_offset=position_offset,
+                            prefill_chunk=prefill_chunk, max_new_tokens=len(_encode(tokenizer, target)) + 1, stop='"')
+        return kv_correct(generated, value, match_chars=match_chars), generated, ids.shape[1]
+
+    return _run_grid(cell, {"pairs": n_list, "position": positions}, trials, "kv retrieval", progress)
