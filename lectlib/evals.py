@@ -482,3 +482,17 @@ def kv_accuracy(model, tokenizer, n_pairs, positions=None, *, trials: int = 3, s
         return kv_correct(generated, value, match_chars=match_chars), generated, ids.shape[1]
 
     return _run_grid(cell, {"pairs": n_list, "position": positions}, trials, "kv retrieval", progress)
+
+
+def rescore(rows: list[dict], score) -> list[dict]:
+    """The rows with `accuracy` recomputed as the mean of `score(answer)` over each row's answers.
+
+    Generation is the slow part of a grid; scoring is cheap, so a grid's saved answers can be
+    scored again under another rule (strict vs lenient) without running the model.
+    """
+    out = []
+    for row in rows:
+        if not row.get("answers"):
+            raise ValueError(f"each row needs its generated 'answers' to rescore, got {row}")
+        out.append({**row, "accuracy": sum(float(score(a)) for a in row["answers"]) / len(row["answers"])})
+    return out
