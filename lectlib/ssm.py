@@ -265,10 +265,13 @@ class MambaMixer(nn.Module):
         state.conv = x[..., x.shape[-1] - (k - 1):]
         return F.conv1d(x, self.conv1d.weight, self.conv1d.bias, groups=x.shape[1])
 
+    def ssm_input(self, hidden: torch.Tensor, state: MambaLayerState | None = None):
+        """(x, z), both (B, L, D): the SSM's input SiLU(conv(W_x h)) and the gate's W_z h."""
+        x, z = self.in_proj(hidden).chunk(2, dim=-1)
+        return F.silu(self.conv(x.transpose(1, 2), state).transpose(1, 2)), z
+
     def forward(self, hidden: torch.Tensor, state: MambaLayerState | None = None) -> torch.Tensor:
-        xz = self.in_proj(hidden)  # (B, L, 2 D)
-        x, z = xz.chunk(2, dim=-1)
-        x = F.silu(self.conv(x.transpose(1, 2), state).transpose(1, 2))  # (B, L, D)
+        x, z = self.ssm_input(hidden, state)
         delta, B, C = self.ssm_parameters(x)
         A = -torch.exp(self.A_log.float())  # (D, N)
         h0 = None if state is None else state.ssm
@@ -344,6 +347,17 @@ class MambaLM(nn.Module):
         if state is not None:
             state.seen += input_ids.shape[1]
         return self.lm_head(self.backbone.norm_f(x))
+
+    @torch.no_grad()
+    def step_sizes(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Δ of every layer, token and channel: (n_layers, B, L, d_inner). Large Δ: reset the state
+        and take in this token; small Δ: keep the state and ignore it."""
+        x = self.backbone.embeddings(input_ids)
+        deltas = []
+        for block in self.backbone.layers:
+            deltas.append(block.mixer.ssm_parameters(block.mixer.ssm_input(block.norm(x))[0])[0])
+            x = block(x)
+        return torch.stack(deltas)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, state: MambaState | None = None):

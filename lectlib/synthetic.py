@@ -14,6 +14,9 @@ Every generator returns (inputs, targets), two (B, L) int64 tensors for next-tok
 
 import torch
 
+from .llama import Llama, LlamaConfig
+from .ssm import MambaConfig, MambaLM
+
 IGNORE = -100
 
 
@@ -88,3 +91,18 @@ def accuracy(model, inputs: torch.Tensor, targets: torch.Tensor, *, batch_size: 
         total += int(asked.sum())
     model.train(was_training)
     return correct / max(total, 1)
+
+
+def small_models(vocab_size: int, *, d_model: int = 32, n_layers: int = 2, d_state: int = 8, seed: int = 0) -> dict:
+    """The three models the chapter compares, of similar size: a selective Mamba, the same Mamba
+    with Δ, B, C fixed (LTI) and a Transformer (lectlib's Llama, RoPE, 4 heads)."""
+    torch.manual_seed(seed)
+    mamba = MambaLM(MambaConfig(vocab_size=vocab_size, d_model=d_model, n_layers=n_layers, d_state=d_state))
+    torch.manual_seed(seed)
+    lti = MambaLM(MambaConfig(vocab_size=vocab_size, d_model=d_model, n_layers=n_layers, d_state=d_state,
+                              selective=False))
+    torch.manual_seed(seed)
+    attention = Llama(LlamaConfig(vocab_size=vocab_size, dim=d_model, n_layers=n_layers, n_heads=4, n_kv_heads=4,
+                                  head_dim=d_model // 4, hidden_dim=2 * d_model, rope_theta=10000.0,
+                                  max_positions=1 << 16))
+    return {"Mamba (selective)": mamba, "LTI SSM": lti, "Transformer": attention}
