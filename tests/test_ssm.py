@@ -12,6 +12,15 @@ from lectlib.ssm_triton import selective_scan_triton
 from lectlib.train import train
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one thread avoids waiting on a busy CPU's second core."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _inputs(batch, length, dim, n, *, seed=0, dtype=torch.float64, gate=True, h0=True):
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
@@ -222,7 +231,6 @@ def test_accuracy_counts_only_the_asked_positions():
 
 def test_selective_mamba_extrapolates_induction_heads():
     """Trained ~200 steps at length 16, the selective Mamba answers at length 64 (Mamba, Table 2)."""
-    torch.set_num_threads(1)
     model = synthetic.small_models(synthetic.induction_heads_vocab(4))["Mamba (selective)"]
     g = torch.Generator().manual_seed(1)
     train(model, lambda step: synthetic.induction_heads(32, seq_len=16, n_tokens=4, generator=g), steps=200, lr=1e-2)
@@ -232,7 +240,6 @@ def test_selective_mamba_extrapolates_induction_heads():
 
 def test_selectivity_solves_selective_copying_where_lti_does_not():
     """300 steps at length 16: the selective Mamba copies, the same model with Δ, B, C fixed does much worse."""
-    torch.set_num_threads(1)
     vocab = synthetic.selective_copying_vocab(4)
     task = dict(seq_len=16, n_memorize=4, n_tokens=4)
     test = synthetic.selective_copying(512, **task, generator=torch.Generator().manual_seed(5))
