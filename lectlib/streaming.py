@@ -143,6 +143,31 @@ def sink_rate(weights, token: int = 0, threshold: float = 0.3) -> float:
     return (sink_scores(weights, token) > threshold).float().mean().item()
 
 
+def value_norm_ratio(record: AttentionRecord, token: int = 0) -> torch.Tensor:
+    """(L,) ‖v_token‖ / mean_{j != token} ‖v_j‖ per layer, averaged over KV heads."""
+    out = []
+    for layer in sorted(record.value_norms):
+        norms = record.value_norms[layer]  # (H_kv, N)
+        others = torch.cat([norms[:, :token], norms[:, token + 1:]], dim=1)
+        out.append((norms[:, token] / others.mean(-1)).mean())
+    return torch.stack(out)
+
+
+def sink_output_share(record: AttentionRecord, token: int = 0, *, first_query: int = 16) -> torch.Tensor:
+    """(L,) share of Σ_j p_tj ‖v_j‖ that `token` carries, averaged over heads and queries t >= first_query.
+
+    Compare with `attention_mass` on the same token: a sink draws much attention (p_t0 large) but
+    its short value makes its share of the output small.
+    """
+    out = []
+    for layer in sorted(record.weights):
+        p = record.weights[layer][:, first_query:]  # (H, n, N)
+        norms = record.value_norms[layer].repeat_interleave(p.shape[0] // record.value_norms[layer].shape[0], 0)
+        weighted = p * norms[:, None, :]  # (H, n, N)
+        out.append((weighted[..., token] / weighted.sum(-1)).mean())
+    return torch.stack(out)
+
+
 # ---------------------------------------------------------------------------------------------
 # Streaming perplexity.
 
@@ -184,7 +209,7 @@ def stream(model, input_ids: torch.Tensor, cache: KVCache, *, prefill: int = 1,
 
 
 def sink_window_attention(*, sinks: int, window: int, inv_freq: torch.Tensor, positions: str = "cache",
-                          block: int = 256):
+                          block: int = 256, gap: int = 0):
     """An attention function (q, k, v, *, causal, scale) for a whole text that equals streaming it
     through `SinkCache(sinks, window, positions=...)` one token at a time.
 
@@ -193,9 +218,14 @@ def sink_window_attention(*, sinks: int, window: int, inv_freq: torch.Tensor, po
     t-window+1..t. RoPE scores depend only on distances, which the band keeps as in the text;
     in the cache the sinks sit at places i while the query sits at sinks + window - 1, so their
     scores use the query rotated back by t - (sinks + window - 1). Cost O(N·(sinks + window + block)).
+
+    `gap` (text positions only) puts the sinks `gap` positions further from every query that
+    sees them, as in a stream `gap` tokens longer: how text positions age as a stream runs on.
     """
     if positions not in POSITION_MODES:
         raise ValueError(f"positions must be one of {POSITION_MODES}, got {positions!r}")
+    if gap and positions != "text":
+        raise ValueError(f"gap moves text positions; with positions={positions!r} it must be 0, got {gap}")
     capacity = sinks + window
 
     def attend(q, k, v, *, causal=True, scale=None):
@@ -207,7 +237,8 @@ def sink_window_attention(*, sinks: int, window: int, inv_freq: torch.Tensor, po
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
         n = q.shape[2]
         t_all = torch.arange(n, device=q.device)
-        q_sink = apply_rope(q, (capacity - 1) - t_all, inv_freq.to(q.device)) if positions == "cache" else q
+        sink_offset = (capacity - 1) - t_all if positions == "cache" else torch.full_like(t_all, gap)
+        q_sink = apply_rope(q, sink_offset, inv_freq.to(q.device))
         k_sink, v_sink = k[:, :, :sinks], v[:, :, :sinks]
         out = torch.empty_like(q)
         for s in range(0, n, block):
@@ -234,19 +265,19 @@ def _nlls_from_hidden(model, hidden: torch.Tensor, targets: torch.Tensor, chunk:
 
 @torch.no_grad()
 def sink_window_nlls(model, input_ids: torch.Tensor, *, sinks: int, window: int, positions: str = "cache",
-                     block: int = 256) -> torch.Tensor:
+                     block: int = 256, gap: int = 0) -> torch.Tensor:
     """(N-1,) next-token NLLs of `input_ids` (1, N) streamed through a sink + window cache, in one pass.
 
     Equal (to float rounding) to `stream(model, input_ids, SinkCache(sinks, window, positions=...))`,
     but the whole text goes through each layer at once: about as fast as one dense forward.
-    `sinks=0` is window attention.
+    `sinks=0` is window attention. `gap`: see `sink_window_attention`.
     """
     _check_ids(input_ids)
     if sinks < 0 or window < 1:
         raise ValueError(f"need sinks >= 0 and window >= 1, got sinks={sinks}, window={window}")
     c = model.config
     inv_freq, _ = rope_parameters(c.head_dim, c.rope_theta, c.rope_scaling, input_ids.shape[1])
-    fn = sink_window_attention(sinks=sinks, window=window, inv_freq=inv_freq, positions=positions, block=block)
+    fn = sink_window_attention(sinks=sinks, window=window, inv_freq=inv_freq, positions=positions, block=block, gap=gap)
     with _attention_swapped(model, lambda layer: fn):
         hidden = model.hidden_states(input_ids)[0]
     return _nlls_from_hidden(model, hidden[:-1], input_ids[0, 1:]).cpu()

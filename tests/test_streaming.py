@@ -42,6 +42,16 @@ def test_positions_in_cache_differ_from_text_once_evicting(tiny):
     assert (a[10:] - b[10:]).abs().max() > 1e-4
 
 
+def test_gap_moves_only_the_sinks_of_evicting_queries(tiny):
+    ids = torch.randint(0, TINY.vocab_size, (1, 60))
+    a = streaming.sink_window_nlls(tiny, ids, sinks=2, window=8, positions="text")
+    b = streaming.sink_window_nlls(tiny, ids, sinks=2, window=8, positions="text", gap=5000)
+    torch.testing.assert_close(a[:10], b[:10])
+    assert (a[10:] - b[10:]).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="gap"):
+        streaming.sink_window_nlls(tiny, ids, sinks=2, window=8, gap=5)
+
+
 def test_unbounded_window_is_dense(tiny):
     ids = torch.randint(0, TINY.vocab_size, (1, 50))
     torch.testing.assert_close(streaming.sink_window_nlls(tiny, ids, sinks=2, window=100, block=8),
@@ -132,3 +142,15 @@ def test_fill_and_timing(tiny):
     assert streaming.time_per_token(tiny, window=64, steps=2, token=3) > 0
     with pytest.raises(ValueError, match="exactly one"):
         streaming.time_per_token(tiny)
+
+
+def test_value_statistics_against_a_loop():
+    torch.manual_seed(0)
+    p = torch.softmax(torch.randn(4, 6, 6).masked_fill(torch.ones(6, 6).triu(1).bool(), -math.inf), -1)
+    norms = torch.rand(2, 6) + 0.1
+    record = streaming.AttentionRecord({0: p}, {0: norms})
+    ratio = sum(norms[h, 0] / norms[h, 1:].mean() for h in range(2)) / 2
+    torch.testing.assert_close(streaming.value_norm_ratio(record), torch.stack([ratio]))
+    share = sum(p[h, t, 0] * norms[h // 2, 0] / sum(p[h, t, j] * norms[h // 2, j] for j in range(6))
+                for h in range(4) for t in range(2, 6)) / 16
+    torch.testing.assert_close(streaming.sink_output_share(record, first_query=2), torch.stack([share]))
