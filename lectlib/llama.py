@@ -50,6 +50,8 @@ class LlamaConfig:
         rope = dict(getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {})
         theta = rope.pop("rope_theta", getattr(hf, "rope_theta", 10000.0))
         scaling = rope if rope.get("rope_type", rope.get("type", "default")) != "default" else None
+        if scaling is not None:  # transformers takes the trained length from the config when the dict omits it
+            scaling.setdefault("original_max_position_embeddings", hf.max_position_embeddings)
         return cls(vocab_size=hf.vocab_size, dim=hf.hidden_size, n_layers=hf.num_hidden_layers,
                    n_heads=hf.num_attention_heads, n_kv_heads=hf.num_key_value_heads,
                    head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads,
