@@ -258,7 +258,8 @@ def _answer(model, tokenizer, ids, *, cache_factory, position_offset: int, prefi
 
 
 def passkey_accuracy(model, tokenizer, lengths, depths, *, trials: int = 3, seed: int = 0, chat: bool = False,
-                     cache_factory=None, position_offset: int = 0, prefill_chunk: int | None = None, max_new_tokens: int = 8,
+                     cache_factory=None, position_offset: int = 0, prefill_chunk: int | None = None,
+                     max_new_tokens: int = 8,
                      progress: bool = True) -> list[dict]:
     """Passkey accuracy over the grid lengths x depths: one tidy row per cell.
 
@@ -290,7 +291,8 @@ class Needle:
 
 
 NEEDLES = {
-    "san_francisco": Needle("The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day.",
+    "san_francisco": Needle("The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park "
+                            "on a sunny day.",
                             "What is the best thing to do in San Francisco?",
                             "The best thing to do in San Francisco is", ("sandwich", "Dolores Park")),
     "soup": Needle("The secret ingredient of grandmother's soup is smoked paprika.",
@@ -346,7 +348,8 @@ def needle_prompt(tokenizer, length: int, depth: float, needle: Needle | str = "
     head, tail = _chat_parts(tokenizer, chat)
     sentence = _encode(tokenizer, " " + needle.sentence)
     if chat:
-        question = _encode(tokenizer, "\n\nQuestion: " + needle.question) + tail + _encode(tokenizer, needle.answer_prefix)
+        question = (_encode(tokenizer, "\n\nQuestion: " + needle.question) + tail
+                    + _encode(tokenizer, needle.answer_prefix))
     else:
         question = _encode(tokenizer, f"\n\nQuestion: {needle.question}\nAnswer: {needle.answer_prefix}")
     n_hay = length - len(head) - len(sentence) - len(question)
@@ -363,7 +366,7 @@ def needle_prompt(tokenizer, length: int, depth: float, needle: Needle | str = "
 
 def needle_accuracy(model, tokenizer, lengths, depths, *, needle: Needle | str = "san_francisco", trials: int = 1,
                     seed: int = 0, chat: bool = False, cache_factory=None, position_offset: int = 0,
-                    prefill_chunk: int | None = None, max_new_tokens: int = 16, progress: bool = True) -> list[dict]:
+                    prefill_chunk: int | None = None, max_new_tokens: int = 12, progress: bool = True) -> list[dict]:
     """Needle-in-a-haystack score (keyword fraction) over lengths x depths: one tidy row per cell.
 
     Trial t of every cell uses the haystack drawn from seed `seed * 1000 + t`; `cache_factory`
@@ -435,7 +438,8 @@ def kv_prompt(tokenizer, n_pairs: int, position: int, *, seed: int = 0, chat: bo
     key, value = pairs[position]
     body = f"{KV_INSTRUCTION}\n\nJSON data:\n{data_json}\n\nKey: {json.dumps(key)}"
     head, tail = _chat_parts(tokenizer, chat)
-    answer = tail + _encode(tokenizer, 'Corresponding value: "') if chat else _encode(tokenizer, '\nCorresponding value: "')
+    opening = 'Corresponding value: "'
+    answer = tail + _encode(tokenizer, opening) if chat else _encode(tokenizer, "\n" + opening)
     ids = head + _encode(tokenizer, body) + answer
     return torch.tensor([ids], dtype=torch.int64), value
 
@@ -454,7 +458,8 @@ def kv_correct(generated: str, value: str, *, match_chars: int | None = 8) -> bo
 
 
 def kv_accuracy(model, tokenizer, n_pairs, positions=None, *, trials: int = 3, seed: int = 0, chat: bool = False,
-                match_chars: int | None = 8, cache_factory=None, position_offset: int = 0, prefill_chunk: int | None = None,
+                match_chars: int | None = 8, cache_factory=None, position_offset: int = 0,
+                prefill_chunk: int | None = None,
                 progress: bool = True) -> list[dict]:
     """Accuracy of key-value retrieval by the asked key's position: rows {pairs, position, accuracy, ...}.
 

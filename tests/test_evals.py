@@ -130,7 +130,8 @@ def test_kv_correct():
 def test_grid_rows_are_tidy_and_plot():
     rows = evals._run_grid(lambda a, b, t: (a > b, f"{a}/{b}/{t}", a), {"length": [1, 2], "depth": [0.5, 1.5]},
                            2, "test", False)
-    assert [(r["length"], r["depth"], r["accuracy"]) for r in rows] == [(1, .5, 1), (1, 1.5, 0), (2, .5, 1), (2, 1.5, 1)]
+    cells = [(r["length"], r["depth"], r["accuracy"]) for r in rows]
+    assert cells == [(1, .5, 1), (1, 1.5, 0), (2, .5, 1), (2, 1.5, 1)]
     assert rows[0]["answers"] == ["1/0.5/0", "1/0.5/1"]
     z, xs, ys = evals.grid_matrix(rows)
     assert xs == [1, 2] and ys == [0.5, 1.5] and z == [[1, 1], [0, 1]]

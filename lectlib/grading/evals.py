@@ -66,7 +66,8 @@ def _(candidate):
     try:
         z = [[float(v) for v in row] for row in z]
     except TypeError as error:
-        raise ExerciseFailure("return a list of rows (one per depth), each a list of numbers (one per length)") from error
+        raise ExerciseFailure("return a list of rows (one per depth), each a list of numbers "
+                              "(one per length)") from error
     expect(len(z) == 2 and all(len(r) == 3 for r in z),
            f"two depths x three lengths: expected a 2 x 3 matrix (a row per depth), got rows of {[len(r) for r in z]}")
     expect_close(z[0], [1.0, 0.5, 0.0], "depth 0 (first row), lengths 512, 1024, 2048 (sorted): the mean score of "
