@@ -1,8 +1,15 @@
-"""Evaluating long context: perplexity first (this module grows with retrieval tasks).
+"""Evaluating long context: perplexity, and retrieval tests that show whether a model uses it.
 
 Perplexity over a window is exp of the mean next-token cross-entropy,
     PPL = exp(-(1/(N-1)) Σ_t log p(x_t | x_<t)),
-the model's average surprise per token; lower is better.
+the model's average surprise per token; lower is better. It rewards local fluency, so the
+retrieval tests ask for one specific distant fact instead:
+- passkey retrieval (Mohtashami & Jaggi 2023): a number hidden in filler;
+- needle in a haystack (Kamradt 2023): a sentence hidden in a real long text (lectlib.data);
+- key-value retrieval from "Lost in the Middle" (Liu et al. 2023): one UUID pair among N.
+Each has a prompt builder, a deterministic scorer and a grid runner returning tidy rows. The
+model is lectlib's Llama or a Hugging Face causal LM; `cache_factory`, `prefill_chunk` and
+`position_offset` let later chapters run the same tests on compressed caches and scaled RoPE.
 """
 
 import math
@@ -191,6 +198,8 @@ def passkey_prompt(tokenizer, length: int, depth: float, passkey: int | str | No
     else:
         question = _encode(tokenizer, "\n\n" + PASSKEY_QUESTION)
     fixed = len(head) + len(intro) + len(key) + len(question)
+    if length < fixed:
+        raise ValueError(f"length must be at least {fixed} tokens (intro, key and question), got {length}")
     filler = _fill(tokenizer, PASSKEY_FILLER, length - fixed)
     split = round(depth * len(filler))
     before = [t for piece in filler[:split] for t in piece]

@@ -59,6 +59,8 @@ def test_passkey_prompt_rejects_bad_arguments(tokenizer):
         evals.passkey_prompt(tokenizer, 300, 1.5, 1)
     with pytest.raises(ValueError, match="length"):
         evals.passkey_prompt(tokenizer, 0, 0.5, 1)
+    with pytest.raises(ValueError, match="at least"):
+        evals.passkey_prompt(tokenizer, 50, 0.5, 1)  # shorter than intro + key + question
     with pytest.raises(ValueError, match="passkey"):
         evals.passkey_prompt(tokenizer, 300, 0.5, "abc")
 
