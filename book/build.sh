@@ -10,7 +10,11 @@ bash book/vendor.sh
 export IPYTHONDIR="$PWD/book/ipython"  # the plotly renderer of the website
 export LECTLIB_BOOK=1
 log=_build/build.log
+# The execution cache is keyed by the notebooks' code, not by the scale: a build at another scale starts afresh.
+scale="${LECTLIB_SCALE:-default}"
+if [ -d _build ] && [ "$(cat _build/scale 2>/dev/null)" != "$scale" ]; then rm -rf _build; fi
 mkdir -p _build
+echo "$scale" > _build/scale
 start=$(date +%s)
 jupyter-book build . 2>&1 | tee "$log"
 # jupyter-book reports a failing notebook as a warning and goes on: make it fail the build.
