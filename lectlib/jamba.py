@@ -22,7 +22,7 @@ from torch import nn
 from . import memory
 from .attention import sdpa_attention
 from .kv import KVCache
-from .llama import MLP, LlamaConfig, RMSNorm
+from .llama import MLP, LlamaConfig, RMSNorm, greedy_decode
 from .ssm import MambaConfig, MambaMixer, MambaState
 
 
@@ -218,17 +218,10 @@ class Jamba(nn.Module):
             state.ssm.seen += input_ids.shape[1]
         return self.lm_head(self.norm(x))
 
-    @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, state: HybridState | None = None):
         """Greedy decoding: (B, L) prompt -> (B, max_new_tokens) new tokens."""
         state = HybridState() if state is None else state
-        logits = self(input_ids, state)[:, -1]
-        new = []
-        for _ in range(max_new_tokens):
-            token = logits.argmax(-1, keepdim=True)
-            new.append(token)
-            logits = self(token, state)[:, -1]
-        return torch.cat(new, dim=1)
+        return greedy_decode(lambda ids: self(ids, state), input_ids, max_new_tokens)
 
 
 def parameter_counts(config: JambaConfig) -> tuple[int, int]:

@@ -179,17 +179,23 @@ class Llama(nn.Module):
         """(B, N, vocab) logits. `positions` (N,) overrides the default 0..N-1 (after the cache)."""
         return self.lm_head(self.hidden_states(input_ids, cache=cache, positions=positions))
 
-    @torch.no_grad()
     def generate(self, input_ids, max_new_tokens: int, *, cache: KVCache | None = None,
                  eos_token_id: int | None = None) -> torch.Tensor:
         """Greedy decoding with a KV cache: (B, N) prompt -> (B, max_new_tokens) new tokens."""
         cache = KVCache() if cache is None else cache
-        logits = self(input_ids, cache=cache)[:, -1]
-        new = []
-        for _ in range(max_new_tokens):
-            token = logits.argmax(-1, keepdim=True)  # (B, 1)
-            new.append(token)
-            if eos_token_id is not None and bool((token == eos_token_id).all()):
-                break
-            logits = self(token, cache=cache)[:, -1]
-        return torch.cat(new, dim=1)
+        return greedy_decode(lambda ids: self(ids, cache=cache), input_ids, max_new_tokens, eos_token_id=eos_token_id)
+
+
+@torch.no_grad()
+def greedy_decode(step, input_ids: torch.Tensor, max_new_tokens: int, *, eos_token_id: int | None = None) -> torch.Tensor:
+    """Greedy decoding through `step`, which maps new tokens (B, n) to logits (B, n, vocab) and keeps
+    its own state (a KV cache, SSM states): (B, N) prompt -> (B, <= max_new_tokens) new tokens."""
+    logits = step(input_ids)[:, -1]
+    new = []
+    for _ in range(max_new_tokens):
+        token = logits.argmax(-1, keepdim=True)  # (B, 1)
+        new.append(token)
+        if eos_token_id is not None and bool((token == eos_token_id).all()):
+            break
+        logits = step(token)[:, -1]
+    return torch.cat(new, dim=1)

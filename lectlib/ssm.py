@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .llama import RMSNorm
+from .llama import RMSNorm, greedy_decode
 
 SCANS = ("parallel", "sequential", "triton")
 
@@ -359,17 +359,10 @@ class MambaLM(nn.Module):
             x = block(x)
         return torch.stack(deltas)
 
-    @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, state: MambaState | None = None):
         """Greedy decoding, one recurrent step per token: (B, L) prompt -> (B, max_new_tokens)."""
         state = MambaState() if state is None else state
-        logits = self(input_ids, state)[:, -1]
-        new = []
-        for _ in range(max_new_tokens):
-            token = logits.argmax(-1, keepdim=True)
-            new.append(token)
-            logits = self(token, state)[:, -1]
-        return torch.cat(new, dim=1)
+        return greedy_decode(lambda ids: self(ids, state), input_ids, max_new_tokens)
 
 
 def mamba_state_bytes(config: MambaConfig, batch: int = 1, bytes_per_element: int = 4) -> int:

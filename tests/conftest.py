@@ -21,3 +21,18 @@ def smollm_hf():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def full_forward_greedy():
+    """The oracle of every `generate`: greedy tokens from a full forward over the growing sequence
+    at each step, with no cache or state. Returns tokens(model, prompt (B, N), n) -> (B, n)."""
+
+    @torch.no_grad()
+    def tokens(model, prompt, n):
+        ids = prompt
+        for _ in range(n):
+            ids = torch.cat([ids, model(ids)[:, -1:].argmax(-1)], 1)
+        return ids[:, prompt.shape[1]:]
+
+    return tokens
