@@ -36,3 +36,12 @@ def full_forward_greedy():
         return ids[:, prompt.shape[1]:]
 
     return tokens
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test on one thread: tiny tensors gain nothing from a second core that may be busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -8,13 +8,7 @@ from lectlib import jamba, memory
 GiB = 2 ** 30
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread avoids waiting on a busy CPU's second core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors
 
 
 @pytest.mark.parametrize("name, gib", [("Llama-2-7B", 128), ("Mistral-7B", 32), ("Mixtral-8x7B", 32),

@@ -12,13 +12,7 @@ from lectlib.ssm_triton import selective_scan_triton
 from lectlib.train import train
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread avoids waiting on a busy CPU's second core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors
 
 
 def _inputs(batch, length, dim, n, *, seed=0, dtype=torch.float64, gate=True, h0=True):
