@@ -34,6 +34,7 @@ def test_chapter_opens_with_title_and_the_standard_setup_cell(path):
     assert title.cell_type == "markdown" and title.source.startswith("# ")
     assert "you will learn" in title.source
     assert setup.cell_type == "code" and setup.source.startswith("# Setup: in Colab")
+    assert "remove-cell" in setup.metadata.get("tags", []), "the Colab setup is hidden on the website"
     # The Colab setup clones the repository the launch buttons point at (one URL, in _config.yml).
     assert f'"{CONFIG["repository"]["url"]}"' in setup.source
 
