@@ -6,7 +6,8 @@ the model's average surprise per token; lower is better. It rewards local fluenc
 retrieval tests ask for one specific distant fact instead:
 - passkey retrieval (Mohtashami & Jaggi 2023): a number hidden in filler;
 - needle in a haystack (Kamradt 2023): a sentence hidden in a real long text (lectlib.data);
-- key-value retrieval from "Lost in the Middle" (Liu et al. 2023): one UUID pair among N.
+- key-value retrieval from "Lost in the Middle" (Liu et al. 2023): one UUID pair among N;
+- passage retrieval from LongBench (Bai et al. 2023), small: which numbered paragraph a quotation is from.
 Each has a prompt builder, a deterministic scorer and a grid runner returning tidy rows. The
 model is lectlib's Llama or a Hugging Face causal LM; `cache_factory`, `prefill_chunk` and
 `position_offset` let later chapters run the same tests on compressed caches and scaled RoPE.
@@ -478,16 +479,6 @@ def kv_accuracy(model, tokenizer, n_pairs, positions=None, *, trials: int = 3, s
     defaults to five evenly spaced ones from first to last. Trial t of every cell uses the pairs
     drawn from seed `seed * 1000 + t` (the same JSON for every position, as in the paper).
     """
-    n_list = [n_pairs] if isinstance(n_pairs, int) else list(n_pairs)
-    if positions is None:
-        last = min(n_list) - 1
-        positions = sorted({round(i * last / 4) for i in range(5)})
-    positions = list(positions)
-    for n in n_list:
-        for p in positions:
-            if not 0 <= p < n:
-                raise ValueError(f"positions must index pairs of every n_pairs, got position {p} for {n} pairs")
-
     def cell(n, position, trial):
         ids, value = kv_prompt(tokenizer, n, position, seed=seed * 1000 + trial, chat=chat)
         target = value if match_chars is None else value[:match_chars]
@@ -495,7 +486,89 @@ def kv_accuracy(model, tokenizer, n_pairs, positions=None, *, trials: int = 3, s
                             prefill_chunk=prefill_chunk, max_new_tokens=len(_encode(tokenizer, target)) + 1, stop='"')
         return kv_correct(generated, value, match_chars=match_chars), generated, ids.shape[1]
 
-    return _run_grid(cell, {"pairs": n_list, "position": positions}, trials, "kv retrieval", progress)
+    return _run_grid(cell, _count_position_grid("pairs", n_pairs, positions), trials, "kv retrieval", progress)
+
+
+def _count_position_grid(name: str, counts, positions) -> dict[str, list]:
+    """{name: counts, "position": positions}; positions default to five evenly spaced from first to last."""
+    counts = [counts] if isinstance(counts, int) else list(counts)
+    if not counts or min(counts) <= 0:
+        raise ValueError(f"{name} must be a positive number or a list of them, got {counts}")
+    if positions is None:
+        last = min(counts) - 1
+        positions = sorted({round(i * last / 4) for i in range(5)})
+    positions = list(positions)
+    for n in counts:
+        for p in positions:
+            if not 0 <= p < n:
+                raise ValueError(f"positions must index {name} of every count, got position {p} for {n} {name}")
+    return {name: counts, "position": positions}
+
+
+# ---------------------------------------------------------------------------------------------
+# LongBench's PassageRetrieval (Bai et al. 2023), small: which of n numbered paragraphs a
+# quotation comes from. LongBench quotes a model-written abstract; here the quotation is one
+# verse of the paragraph, verbatim, so the task is a lookup by exact overlap.
+
+PASSAGE_INSTRUCTION = ("Here are {n} paragraphs from the King James Bible, along with a quotation. "
+                       "Please determine which paragraph the quotation is from.")
+PASSAGE_QUESTION = ("Please enter the number of the paragraph that the quotation is from. "
+                    'The answer format must be like "Paragraph 1", "Paragraph 2", etc.')
+
+
+def kjv_paragraphs(n: int, *, verses: int = 3, seed: int = 0) -> list[list[str]]:
+    """`n` paragraphs of `verses` consecutive verses each (verse numbers removed), from `n` distinct
+    chapters of the King James Bible chosen by `seed`."""
+    from . import data
+
+    if n <= 0 or verses <= 0:
+        raise ValueError(f"n and verses must be positive, got n={n}, verses={verses}")
+    chapters = [[line.split(" ", 1)[1] for line in block.splitlines() if line[:1].isdigit()]
+                for block in data.text().split("\n\n")]
+    chapters = [c for c in chapters if len(c) >= verses]
+    g = torch.Generator().manual_seed(seed)
+    picked = torch.randperm(len(chapters), generator=g)[:n].tolist()
+    out = []
+    for c in picked:
+        first = int(torch.randint(0, len(chapters[c]) - verses + 1, (1,), generator=g))
+        out.append(chapters[c][first:first + verses])
+    return out
+
+
+def passage_prompt(tokenizer, n_passages: int, position: int, *, verses: int = 3, seed: int = 0,
+                   chat: bool = False) -> tuple[torch.Tensor, str]:
+    """The PassageRetrieval prompt: n numbered paragraphs, a verse quoted from the one at index
+    `position`, and the question. Returns (input_ids (1, N) int64, the answer's number as a string).
+    The prompt ends with "The answer is: Paragraph", so a model answers with the number."""
+    if not 0 <= position < n_passages:
+        raise ValueError(f"position must index one of the {n_passages} paragraphs, got {position}")
+    paragraphs = kjv_paragraphs(n_passages, verses=verses, seed=seed)
+    quote = paragraphs[position][verses // 2]
+    body = (PASSAGE_INSTRUCTION.format(n=n_passages) + "\n\n"
+            + "\n\n".join(f"Paragraph {i + 1}: {' '.join(p)}" for i, p in enumerate(paragraphs))
+            + f"\n\nThe following is a quotation.\n\n{quote}\n\n{PASSAGE_QUESTION}")
+    head, tail = _chat_parts(tokenizer, chat)
+    answer = tail + _encode(tokenizer, "The answer is: Paragraph") if chat else _encode(tokenizer, "\n\nThe answer is: Paragraph")
+    ids = head + _encode(tokenizer, body) + answer
+    return torch.tensor([ids], dtype=torch.int64), str(position + 1)
+
+
+def passage_accuracy(model, tokenizer, n_passages, positions=None, *, verses: int = 3, trials: int = 3,
+                     seed: int = 0, chat: bool = False, cache_factory=None, position_offset: int = 0,
+                     prefill_chunk: int | None = None, progress: bool = True) -> list[dict]:
+    """PassageRetrieval accuracy by the quoted paragraph's position: rows {passages, position, accuracy, ...}.
+
+    Scored by exact match of the first number the model writes (`passkey_correct`); chance is
+    1 / n_passages. Trial t of every cell uses the paragraphs drawn from seed `seed * 1000 + t`.
+    """
+    def cell(n, position, trial):
+        ids, answer = passage_prompt(tokenizer, n, position, verses=verses, seed=seed * 1000 + trial, chat=chat)
+        generated = _answer(model, tokenizer, ids, cache_factory=cache_factory, position_offset=position_offset,
+                            prefill_chunk=prefill_chunk, max_new_tokens=3)
+        return passkey_correct(generated, answer), generated, ids.shape[1]
+
+    return _run_grid(cell, _count_position_grid("passages", n_passages, positions), trials, "passage retrieval",
+                     progress)
 
 
 def rescore(rows: list[dict], score) -> list[dict]:

@@ -127,6 +127,38 @@ def test_kv_correct():
     assert not evals.kv_correct("97941b09-9848", value, match_chars=None)
 
 
+# ---- passage retrieval (LongBench, small) ----------------------------------------------------
+
+def test_passage_prompt_quotes_the_asked_paragraph(tokenizer):
+    ids, answer = evals.passage_prompt(tokenizer, 5, 3, seed=1)
+    text = tokenizer.decode(ids[0].tolist())
+    paragraphs = evals.kjv_paragraphs(5, seed=1)
+    assert answer == "4" and len({" ".join(p) for p in paragraphs}) == 5
+    for i, p in enumerate(paragraphs):
+        assert f"Paragraph {i + 1}: {' '.join(p)}" in text
+    quote = text.split("The following is a quotation.\n\n")[1].split("\n\n")[0]
+    assert quote in " ".join(paragraphs[3]) and all(quote not in " ".join(p) for p in paragraphs[:3] + paragraphs[4:])
+    assert text.endswith("The answer is: Paragraph")
+    with pytest.raises(ValueError, match="position"):
+        evals.passage_prompt(tokenizer, 5, 5)
+
+
+def test_count_position_grid_defaults_and_checks():
+    assert evals._count_position_grid("pairs", 9, None) == {"pairs": [9], "position": [0, 2, 4, 6, 8]}
+    with pytest.raises(ValueError, match="position 3 for 3 pairs"):
+        evals._count_position_grid("pairs", [5, 3], [0, 3])
+
+
+def test_smollm_answers_paragraph_1_whatever_is_asked(smollm):
+    """Chapter 3, section 5. Measured with 4 paragraphs, 2 trials per position: every answer is
+    "1" (accuracy 1.0 at position 0, 0.0 elsewhere); with 8 paragraphs and with the chat template too."""
+    model, tokenizer = smollm
+    rows = evals.passage_accuracy(model, tokenizer, 4, range(4), trials=2, progress=False)
+    answers = [a for r in rows for a in r["answers"]]
+    assert sum(a.startswith("1") for a in answers) >= 0.75 * len(answers)
+    assert rows[0]["accuracy"] == 1.0 and sum(r["accuracy"] for r in rows) / len(rows) <= 0.5
+
+
 # ---- grids ---------------------------------------------------------------------------------
 
 def test_grid_rows_are_tidy_and_plot():
