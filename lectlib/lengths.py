@@ -6,7 +6,9 @@ Two experiments, both measuring next-token perplexity as a function of position:
    on 4x longer windows with plain RoPE and with each scaling of `lectlib.positions`, before
    and after a short fine-tune at the longer length. Its vocabulary is the 4095 most frequent
    SmolLM2 tokens of the text plus one "other" token (98% of the text), which keeps the
-   checkpoint under 3 MB. `python -m lectlib.lengths train` reproduces the shipped checkpoint.
+   checkpoint under 3 MB. `python -m lectlib.lengths train` reproduces the shipped checkpoint;
+   `--sink-token` trains its twin with a dedicated sink token in front of every sample, for
+   chapter 4's question whether attention sinks are built in or learned.
 
 2. SmolLM2-135M (trained to 8192 positions) with PoSE-style skipped positions (Zhu et al. 2023):
    a short window whose second part carries position ids shifted by `offset`, so those tokens
@@ -31,8 +33,10 @@ from .train import train
 
 CHECKPOINTS = data.DATA / "checkpoints"
 TINY_CHECKPOINT = CHECKPOINTS / "kjv-tiny-128.pt"
+SINK_CHECKPOINT = CHECKPOINTS / "kjv-tiny-128-sink.pt"  # the same recipe with a dedicated sink token
 TRAIN_LEN = 128
 VOCAB = 4096
+SINK_TOKEN = VOCAB  # a dedicated sink token's id, one past the compact vocabulary
 METHODS = ("default", "linear", "ntk", "dynamic", "yarn")
 METHOD_NAMES = {"default": "plain RoPE", "linear": "PI", "ntk": "NTK-aware", "dynamic": "dynamic NTK", "yarn": "YaRN"}
 
@@ -94,6 +98,21 @@ def batches(stream: torch.Tensor, seq_len: int, batch: int, seed: int = 0):
     return next_batch
 
 
+def with_sink_token(next_batch):
+    """Prepend a dedicated sink token to every sample (Xiao et al. 2023, §3.3), keeping its length.
+
+    next_batch(step) -> (inputs, targets) (B, N) becomes inputs [SINK, w_0 .. w_{N-2}] and
+    targets w_0 .. w_{N-1}: the sink always sits at position 0 and is never predicted.
+    """
+
+    def sink_batch(step: int):
+        inputs, _ = next_batch(step)
+        sink = torch.full_like(inputs[:, :1], SINK_TOKEN)
+        return torch.cat([sink, inputs[:, :-1]], dim=1), inputs
+
+    return sink_batch
+
+
 def eval_windows(stream: torch.Tensor, seq_len: int, n: int) -> torch.Tensor:
     """(n, seq_len + 1) evenly spaced windows of the held-out stream (deterministic)."""
     starts = torch.linspace(0, len(stream) - seq_len - 2, n).long()
@@ -109,14 +128,20 @@ def init_weights(model: Llama, std: float = 0.02) -> Llama:
     return model
 
 
-def train_tiny(*, steps: int = 1500, batch: int = 16, lr: float = 3e-3, seed: int = 0):
-    """Train the tiny model from zero at TRAIN_LEN tokens: (model, vocab, losses)."""
+def train_tiny(*, steps: int = 1500, batch: int = 16, lr: float = 3e-3, seed: int = 0, sink_token: bool = False):
+    """Train the tiny model from zero at TRAIN_LEN tokens: (model, vocab, losses).
+
+    `sink_token` prepends SINK_TOKEN to every sample (`with_sink_token`) and adds it to the vocabulary.
+    """
     stream, vocab = kjv_stream()
     train_part, _ = split(stream)
     torch.manual_seed(seed)
-    model = init_weights(Llama(tiny_config()))
-    losses = train(model, batches(train_part, TRAIN_LEN, batch, seed), steps=steps, lr=lr, warmup=50,
-                   weight_decay=0.01, seed=seed, desc=f"tiny Llama at {TRAIN_LEN} tokens")
+    model = init_weights(Llama(tiny_config(vocab_size=VOCAB + sink_token)))
+    next_batch = batches(train_part, TRAIN_LEN, batch, seed)
+    if sink_token:
+        next_batch = with_sink_token(next_batch)
+    losses = train(model, next_batch, steps=steps, lr=lr, warmup=50, weight_decay=0.01, seed=seed,
+                   desc=f"tiny Llama at {TRAIN_LEN} tokens{' with a sink token' if sink_token else ''}")
     return model, vocab, losses
 
 
@@ -128,13 +153,14 @@ def save_tiny(model: Llama, vocab: torch.Tensor, losses, path: Path = TINY_CHECK
 
 
 def load_tiny(path: Path = TINY_CHECKPOINT):
-    """(model fp32 eval, vocab, training losses) from the shipped checkpoint."""
+    """(model fp32 eval, vocab, training losses) from a shipped checkpoint (TINY_CHECKPOINT or SINK_CHECKPOINT)."""
     if not Path(path).exists():
-        raise FileNotFoundError(f"{path} is missing: run `python -m lectlib.lengths train` to make it")
+        flag = " --sink-token" if Path(path).name == SINK_CHECKPOINT.name else ""
+        raise FileNotFoundError(f"{path} is missing: run `python -m lectlib.lengths train{flag}` to make it")
     saved = torch.load(path)
-    model = Llama(tiny_config())
     state = {k: v.float() for k, v in saved["state"].items()}
     state["lm_head.weight"] = state["embed_tokens.weight"]
+    model = Llama(tiny_config(vocab_size=state["embed_tokens.weight"].shape[0]))
     model.load_state_dict(state)
     return model.eval(), saved["vocab"].long(), saved["losses"].tolist()
 
@@ -237,15 +263,18 @@ def pose_passkey(model: Llama, tokenizer, *, length: int, offsets, original: int
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m lectlib.lengths", description=__doc__.split("\n")[0])
-    parser.add_argument("command", choices=["train"], help="train: make data/checkpoints/kjv-tiny-128.pt")
+    parser.add_argument("command", choices=["train"], help=f"train: make {TINY_CHECKPOINT.relative_to(data.DATA.parent)}")
+    parser.add_argument("--sink-token", action="store_true",
+                        help=f"prepend a sink token to every sample; saves {SINK_CHECKPOINT.name} instead")
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    model, vocab, losses = train_tiny(steps=args.steps)
-    save_tiny(model, vocab, losses)
-    print(f"saved {TINY_CHECKPOINT} ({TINY_CHECKPOINT.stat().st_size / 2**20:.1f} MiB) in {time.perf_counter() - start:.0f} s")
+    model, vocab, losses = train_tiny(steps=args.steps, sink_token=args.sink_token)
+    path = SINK_CHECKPOINT if args.sink_token else TINY_CHECKPOINT
+    save_tiny(model, vocab, losses, path)
+    print(f"saved {path} ({path.stat().st_size / 2**20:.1f} MiB) in {time.perf_counter() - start:.0f} s")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ Three parts, used by the chapter and its tests:
 - streaming perplexity: `stream` runs a text token by token through a `lectlib.kv` cache (what a
   deployment does); `sink_window_nlls` computes the same numbers in one masked pass (exact, and
   much faster on a CPU); `recompute_nlls` is the sliding window with recomputation;
+  `sink_profile` asks of any model whether it has a sink and whether streaming needs it;
 - cost: `fill` a cache to a given stream length and `time_per_token`.
 """
 
@@ -304,6 +305,28 @@ def recompute_nlls(model, input_ids: torch.Tensor, *, window: int, targets, batc
         hidden = model.hidden_states(windows)[:, -1]
         out.append(F.cross_entropy(model.lm_head(hidden).float(), input_ids[0, ts], reduction="none"))
     return torch.cat(out).cpu()
+
+
+@torch.no_grad()
+def sink_profile(model, input_ids: torch.Tensor, *, cache: int, sinks=(0, 1, 4), attn_tokens: int = 128) -> dict:
+    """Does `model` have an attention sink, and does streaming `input_ids` (1, N) need it? One table row:
+
+    - "mass on token 0": the largest per-layer `attention_mass` on token 0 over the first
+      `attn_tokens` tokens, and "uniform", what an even spread would give it;
+    - "sink rate": `sink_rate` on token 0 over the same tokens (Gu et al. 2024);
+    - "S + R": perplexity through a cache of S sinks and R = cache - S recent tokens, for S in
+      `sinks`, over the predictions made by queries t >= cache (those that miss evicted tokens).
+    """
+    if max(sinks) >= cache:
+        raise ValueError(f"cache must be larger than every sink count {tuple(sinks)}, got {cache}")
+    _check_ids(input_ids, least=max(attn_tokens, cache) + 2)
+    record = attention_weights(model, input_ids[:, :attn_tokens])
+    row = {"mass on token 0": attention_mass(record.weights, slice(0, 1)).max().item(),
+           "uniform": uniform_mass(attn_tokens), "sink rate": sink_rate(record.weights)}
+    for s in sinks:
+        nll = sink_window_nlls(model, input_ids, sinks=s, window=cache - s)[cache:]
+        row[f"{s} + {cache - s}"] = math.exp(nll.mean().item())
+    return row
 
 
 # ---------------------------------------------------------------------------------------------

@@ -188,6 +188,22 @@ def test_pose_positions_and_compact_vocab():
     assert vocab.tolist() == [7, 5] and lengths.encode(stream, vocab).tolist() == [1, 1, 1, 2, 2, 2, 0, 0, 0, 0]
 
 
+def test_sink_token_batches_shift_the_sample_right_by_one():
+    stream = torch.arange(100)
+    inputs, targets = lengths.batches(stream, 8, 3, seed=5)(7)
+    sink_inputs, sink_targets = lengths.with_sink_token(lengths.batches(stream, 8, 3, seed=5))(7)
+    assert sink_inputs.shape == inputs.shape and torch.equal(sink_targets, inputs)
+    assert (sink_inputs[:, 0] == lengths.SINK_TOKEN).all() and torch.equal(sink_inputs[:, 1:], inputs[:, :-1])
+
+
+def test_sink_token_checkpoint_has_the_extra_token_and_learned(tmp_path):
+    model, vocab, losses = lengths.load_tiny(lengths.SINK_CHECKPOINT)
+    assert model.config.vocab_size == lengths.VOCAB + 1 == lengths.SINK_TOKEN + 1 and len(vocab) == lengths.VOCAB - 1
+    assert sum(losses[-50:]) / 50 < 0.5 * sum(losses[:50]) / 50
+    with pytest.raises(FileNotFoundError, match="--sink-token"):
+        lengths.load_tiny(tmp_path / lengths.SINK_CHECKPOINT.name)
+
+
 @pytest.fixture(scope="module")
 def tiny():
     model, vocab, losses = lengths.load_tiny()
