@@ -14,4 +14,7 @@ Modules, by concern:
     grading    exercise checks shared by notebooks and pytest
 """
 
+from .runtime import use_triton_interpreter
+
 __version__ = "0.1.0"
+use_triton_interpreter()  # before any lectlib module imports transformers, which imports Triton

@@ -12,27 +12,24 @@ accumulates dK, dV over the query blocks of each key block, another dQ over the 
 each query block, so no two programs write the same memory.
 
 Where it runs: compiled on GPUs that Triton supports (sm80+: A100, L4, H100); under Triton's
-interpreter (TRITON_INTERPRET=1, set here before the kernels are defined when no CUDA GPU is
-present) on CPU, where it is slow but exact; elsewhere (Colab's T4 is sm75, too old for these
+interpreter (TRITON_INTERPRET=1, set as lectlib is imported when no CUDA GPU is present) on
+CPU, where it is slow but exact; elsewhere (Colab's T4 is sm75, too old for these
 kernels) `flash_attention` says so once and computes `attention.blockwise_attention` instead.
 """
 
 import math
-import os
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from . import attention, runtime
+
+INTERPRET = runtime.use_triton_interpreter()
 
 import triton  # noqa: E402  (the interpreter must be chosen before the kernels are defined)
 import triton.language as tl  # noqa: E402
 from triton.compiler.errors import CompilationError  # noqa: E402
 from triton.runtime.errors import OutOfResources  # noqa: E402
 
-from . import attention  # noqa: E402
-
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x·log2 e): folded into the scale, exp2 is the fast instruction
 
 
@@ -302,7 +299,8 @@ def kernel_available(device: torch.device) -> tuple[bool, str]:
             return False, f"{name} is sm{major}{minor}; these Triton kernels need sm80 or newer (A100, L4, H100)"
         return True, ""
     if device.type == "cpu" and INTERPRET:
-        return True, ""
+        problem = runtime.triton_interpreter_problem()
+        return problem is None, problem or ""
     return False, f"no Triton kernel for {device.type} tensors (on CPU, set TRITON_INTERPRET=1 before importing)"
 
 

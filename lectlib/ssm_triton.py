@@ -10,23 +10,19 @@ end, the last state (N,). Memory traffic is the inputs and outputs: O(B·L·(D +
 The backward recomputes instead of storing, as the paper does: it runs the differentiable
 PyTorch scan (`selective_scan_parallel`) again on the saved inputs and differentiates that.
 
-Where it runs: compiled on CUDA GPUs; under Triton's interpreter (TRITON_INTERPRET=1, set here
-before the kernel is defined when no CUDA GPU is present) on a CPU, where it is exact but slow.
+Where it runs: compiled on CUDA GPUs; under Triton's interpreter (TRITON_INTERPRET=1, set as
+lectlib is imported when no CUDA GPU is present) on a CPU, where it is exact but slow.
 """
-
-import os
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from . import runtime
+from .ssm import check_scan_inputs, selective_scan_parallel
+
+INTERPRET = runtime.use_triton_interpreter()
 
 import triton  # noqa: E402  (the interpreter must be chosen before the kernel is defined)
 import triton.language as tl  # noqa: E402
-
-from .ssm import check_scan_inputs, selective_scan_parallel  # noqa: E402
-
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @triton.jit
@@ -115,4 +111,8 @@ def selective_scan_triton(x, delta, A, B, C, D=None, z=None, *, h0=None, block_l
     check_scan_inputs(x, delta, A, B, C, D, z, h0)
     if block_l < 1 or block_l & (block_l - 1):
         raise ValueError(f"block_l must be a power of 2, got {block_l}")
+    if x.device.type == "cpu":
+        problem = runtime.triton_interpreter_problem() if INTERPRET else "CPU tensors need TRITON_INTERPRET=1"
+        if problem:
+            raise RuntimeError(f"selective_scan_triton: {problem}")
     return _SelectiveScan.apply(x, delta, A, B, C, D, z, h0, block_l)

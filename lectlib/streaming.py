@@ -174,9 +174,11 @@ def sink_output_share(record: AttentionRecord, token: int = 0, *, first_query: i
 
 @dataclass
 class StreamResult:
-    """Per step t (the token fed): nlls[t] = -log p(x_{t+1} | what the cache holds), cache bytes, seconds."""
+    """nlls[t] = -log p(x_{t+1} | what the cache held), per token; per step: `fed`, the tokens fed so
+    far, `nbytes`, the bytes the cache holds after the step, and `seconds`, how long the step took."""
 
     nlls: torch.Tensor
+    fed: list[int]
     nbytes: list[int]
     seconds: list[float]
 
@@ -185,28 +187,34 @@ class StreamResult:
 
 
 @torch.no_grad()
-def stream(model, input_ids: torch.Tensor, cache: KVCache, *, prefill: int = 1,
+def stream(model, input_ids: torch.Tensor, cache: KVCache, *, prefill: int = 1, chunk: int = 1,
            progress: bool = True) -> StreamResult:
-    """Feed `input_ids` (1, N) through `cache`: the first `prefill` tokens at once, then one token per step.
+    """Feed `input_ids` (1, N) through `cache`: the first `prefill` tokens at once, then `chunk` per step.
 
-    This is how a deployed model streams: every next-token prediction sees only what the cache
-    holds. A prefill no longer than the cache's capacity changes nothing (no token is evicted
-    while it runs).
+    With chunk=1 this is how a deployed model generates: every next-token prediction sees only
+    what the cache holds. A larger chunk is how it reads a long document: each step's tokens see
+    the cache as the policy left it for them plus each other (causally), so under a sink + window
+    policy a query sees between capacity - chunk + 1 and capacity tokens, and the weights are read
+    once per chunk rather than once per token. A prefill no longer than the cache's capacity
+    changes nothing (no token is evicted while it runs).
     """
     _check_ids(input_ids)
     n = input_ids.shape[1]
     if not 1 <= prefill < n:
         raise ValueError(f"prefill must lie in [1, {n}) for {n} tokens, got {prefill}")
-    nlls, nbytes, seconds = [], [], []
-    starts = [0] + list(range(prefill, n - 1))
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    nlls, fed, nbytes, seconds = [], [], [], []
+    starts = [0] + list(range(prefill, n - 1, chunk))
     for start in tqdm(starts, desc=f"streaming {type(cache).__name__}", disable=not progress, mininterval=2):
-        end = prefill if start == 0 else start + 1
+        end = prefill if start == 0 else min(start + chunk, n - 1)
         begin = time.perf_counter()
         logits = model(input_ids[:, start:end], cache=cache)[0].float()
         seconds.append(time.perf_counter() - begin)
         nlls.append(F.cross_entropy(logits, input_ids[0, start + 1:end + 1], reduction="none"))
+        fed.append(end)
         nbytes.append(cache.nbytes())
-    return StreamResult(torch.cat(nlls).cpu(), nbytes, seconds)
+    return StreamResult(torch.cat(nlls).cpu(), fed, nbytes, seconds)
 
 
 def sink_window_attention(*, sinks: int, window: int, inv_freq: torch.Tensor, positions: str = "cache",

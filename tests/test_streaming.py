@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from lectlib import data, evals, kv, streaming
+from lectlib import attention, data, evals, kv, streaming
 from lectlib.llama import Llama, LlamaConfig
 
 TINY = LlamaConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, hidden_dim=64)
@@ -23,6 +23,36 @@ def test_one_pass_equals_token_by_token_streaming(tiny, sinks, window, mode):
     token_by_token = streaming.stream(tiny, ids, kv.SinkCache(sinks, window, positions=mode), progress=False).nlls
     one_pass = streaming.sink_window_nlls(tiny, ids, sinks=sinks, window=window, positions=mode, block=16)
     torch.testing.assert_close(one_pass, token_by_token, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("chunk,window", [(3, 9), (7, 9), (12, 9)])
+def test_chunked_streaming_equals_one_masked_forward(tiny, chunk, window):
+    """Oracle: one forward in which the queries of the chunk [s, e) see the sinks and the tokens
+    s - (window - (e - s)) .. themselves, what the policy keeps for them (text positions, so only the mask differs)."""
+    sinks, prefill, n = 2, 5, 41
+    ids = torch.randint(0, TINY.vocab_size, (1, n))
+    cache = kv.SinkCache(sinks, window, positions="text")
+    run = streaming.stream(tiny, ids, cache, prefill=prefill, chunk=chunk, progress=False)
+    seen = torch.zeros(n - 1, n - 1, dtype=torch.bool)
+    seen[:prefill, :prefill] = True
+    for s in range(prefill, n - 1, chunk):
+        e = min(s + chunk, n - 1)
+        seen[s:e, :sinks] = True
+        seen[s:e, max(s - max(window - (e - s), 0), 0):e] = True
+    seen &= torch.ones_like(seen).tril()
+
+    def masked(q, k, v, *, causal, scale):
+        k, v = attention.repeat_kv(k, 2), attention.repeat_kv(v, 2)
+        return torch.softmax((q @ k.transpose(-1, -2) * scale).masked_fill(~seen, -math.inf), -1) @ v
+
+    tiny.set_attention(masked)
+    try:
+        logits = tiny(ids[:, :-1])[0]
+    finally:
+        tiny.set_attention(attention.sdpa_attention)
+    oracle = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none")
+    torch.testing.assert_close(run.nlls, oracle, atol=1e-5, rtol=1e-5)
+    assert run.fed[-1] == n - 1 and len(cache) == sinks + window and max(run.nbytes) == run.nbytes[-1]
 
 
 def test_one_pass_equals_streaming_on_smollm(smollm):
