@@ -98,6 +98,11 @@ def batches(stream: torch.Tensor, seq_len: int, batch: int, seed: int = 0):
     return next_batch
 
 
+def sink_prefixed(ids: torch.Tensor) -> torch.Tensor:
+    """(B, N) token ids -> (B, N) [SINK_TOKEN, ids_0 .. ids_{N-2}]: the sink in front, the length kept."""
+    return torch.cat([torch.full_like(ids[:, :1], SINK_TOKEN), ids[:, :-1]], dim=1)
+
+
 def with_sink_token(next_batch):
     """Prepend a dedicated sink token to every sample (Xiao et al. 2023, §3.3), keeping its length.
 
@@ -107,8 +112,7 @@ def with_sink_token(next_batch):
 
     def sink_batch(step: int):
         inputs, _ = next_batch(step)
-        sink = torch.full_like(inputs[:, :1], SINK_TOKEN)
-        return torch.cat([sink, inputs[:, :-1]], dim=1), inputs
+        return sink_prefixed(inputs), inputs
 
     return sink_batch
 

@@ -235,7 +235,7 @@ def test_sinks_are_learned_none_in_the_tiny_models_one_in_smollm(smollm):
     tiny, vocab, _ = lengths.load_tiny()
     twin, _, _ = lengths.load_tiny(lengths.SINK_CHECKPOINT)
     ids = lengths.encode(text, vocab)
-    twin_ids = torch.cat([torch.full((1, 1), lengths.SINK_TOKEN), ids[:, :-1]], dim=1)
+    twin_ids = lengths.sink_prefixed(ids)
     for m, x in ((tiny, ids), (twin, twin_ids)):
         row = streaming.sink_profile(m, x, cache=32)
         assert row["sink rate"] == 0 and row["mass on token 0"] < 3 * row["uniform"]
