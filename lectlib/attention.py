@@ -60,21 +60,36 @@ def sdpa_attention(q, k, v, *, causal: bool = False, scale: float | None = None)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(n_q, n_k, q.device), scale=scale)
 
 
+def attention_probs(q, k, *, causal: bool = False, scale: float | None = None) -> torch.Tensor:
+    """softmax(QKᵀ·scale) in fp32, the one place every variant computes attention weights: (B, H, N_q, N_k).
+
+    q is (B, H, N_q, D) and k (B, H_kv, N_k, D) (GQA heads are repeated). Scores and softmax are
+    computed in fp32 whatever the input dtype, so fp16 scores past 65504 do not overflow. A row
+    whose keys are all masked has no defined softmax and returns zeros.
+    """
+    if not isinstance(q, torch.Tensor) or not isinstance(k, torch.Tensor) or q.dim() != 4 or k.dim() != 4:
+        raise ValueError(f"q and k must be (B, H, N, D) tensors, got {getattr(q, 'shape', q)!r} and {getattr(k, 'shape', k)!r}")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"k has {k.shape[1]} heads, which must divide the {q.shape[1]} heads of q (GQA)")
+    k = repeat_kv(k, q.shape[1] // k.shape[1])
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    s = (q.float() @ k.float().transpose(-1, -2)) * scale  # (B, H, N_q, N_k)
+    if causal:
+        s = s.masked_fill(~causal_mask(q.shape[2], k.shape[2], q.device), float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    return p.masked_fill(s.amax(dim=-1, keepdim=True) == float("-inf"), 0.0)
+
+
 def naive_attention(q, k, v, *, causal: bool = False, scale: float | None = None) -> torch.Tensor:
     """Attention as written (Vaswani et al. 2017, eq. 1): S = QKᵀ·scale, P = softmax(S), O = PV.
 
-    Materializes the (B, H, N_q, N_k) score matrix: O(N²) memory. Returns (B, H, N_q, D).
-    A row whose keys are all masked has no defined softmax and returns zeros.
+    Materializes the (B, H, N_q, N_k) score matrix: O(N²) memory. Returns (B, H, N_q, D) in the
+    input dtype, computed in fp32. A row whose keys are all masked returns zeros.
     """
     check_qkv(q, k, v)
-    n_rep = q.shape[1] // k.shape[1]
-    k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    s = (q @ k.transpose(-1, -2)) * scale  # (B, H, N_q, N_k)
-    if causal:
-        s = s.masked_fill(~causal_mask(q.shape[2], k.shape[2], q.device), float("-inf"))
-    p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # (B, H, N_q, N_k)
-    return p @ v
+    p = attention_probs(q, k, causal=causal, scale=scale)  # (B, H, N_q, N_k), fp32
+    v = repeat_kv(v, q.shape[1] // k.shape[1])
+    return (p @ v.float()).to(q.dtype)
 
 
 def _prepare(q, k, v, scale):
