@@ -7,12 +7,26 @@ Every interactive figure has two forms drawn by the same function `draw(**values
 `explore` shows both, so a chapter writes one cell and works everywhere.
 """
 
+import inspect
 import itertools
+import textwrap
 from typing import Callable, Sequence
 
 import plotly.graph_objects as go
 
 TEMPLATE = "plotly_white"
+
+
+def show_source(obj) -> None:
+    """Display lectlib's source of a function, class or method as a highlighted code block.
+
+    A fenced Python block in Markdown: Jupyter, Colab and the website highlight it, and the
+    website wraps long lines instead of scrolling them. It displays at once, so several calls in
+    one cell all show.
+    """
+    from IPython.display import Markdown, display
+
+    display(Markdown(f"```python\n{textwrap.dedent(inspect.getsource(obj)).rstrip()}\n```"))
 
 
 def slider_figure(draw: Callable[..., go.Figure], controls: dict[str, Sequence], *,
