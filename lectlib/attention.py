@@ -61,7 +61,7 @@ def sdpa_attention(q, k, v, *, causal: bool = False, scale: float | None = None)
 
 
 def attention_probs(q, k, *, causal: bool = False, scale: float | None = None) -> torch.Tensor:
-    """softmax(QKᵀ·scale) in fp32, the one place every variant computes attention weights: (B, H, N_q, N_k).
+    """softmax(QKᵀ·scale) in at least fp32, the one place every variant computes attention weights: (B, H, N_q, N_k).
 
     q is (B, H, N_q, D) and k (B, H_kv, N_k, D) (GQA heads are repeated). Scores and softmax are
     computed in fp32 whatever the input dtype, so fp16 scores past 65504 do not overflow. A row
@@ -73,7 +73,8 @@ def attention_probs(q, k, *, causal: bool = False, scale: float | None = None) -
         raise ValueError(f"k has {k.shape[1]} heads, which must divide the {q.shape[1]} heads of q (GQA)")
     k = repeat_kv(k, q.shape[1] // k.shape[1])
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    s = (q.float() @ k.float().transpose(-1, -2)) * scale  # (B, H, N_q, N_k)
+    dtype = torch.promote_types(q.dtype, torch.float32)  # fp16/bf16 -> fp32; fp64 stays
+    s = (q.to(dtype) @ k.to(dtype).transpose(-1, -2)) * scale  # (B, H, N_q, N_k)
     if causal:
         s = s.masked_fill(~causal_mask(q.shape[2], k.shape[2], q.device), float("-inf"))
     p = torch.softmax(s, dim=-1)
@@ -89,7 +90,7 @@ def naive_attention(q, k, v, *, causal: bool = False, scale: float | None = None
     check_qkv(q, k, v)
     p = attention_probs(q, k, causal=causal, scale=scale)  # (B, H, N_q, N_k), fp32
     v = repeat_kv(v, q.shape[1] // k.shape[1])
-    return (p @ v.float()).to(q.dtype)
+    return (p @ v.to(p.dtype)).to(q.dtype)
 
 
 def _prepare(q, k, v, scale):
