@@ -15,9 +15,9 @@ Where it runs: compiled on GPUs that Triton supports (sm80+: A100, L4, H100); un
 interpreter (TRITON_INTERPRET=1, set as lectlib is imported when no CUDA GPU is present) on
 CPU, where it is slow but exact; elsewhere (Colab's T4 is sm75, too old for these
 kernels) `flash_attention` says so once and computes `attention.blockwise_attention` instead.
+Both follow `lectlib.attention`'s conventions: fp32 scores and softmax, zeros for rows that see
+no key, NaN where an input is not finite. Shown in chapter 1.
 """
-
-import math
 
 import torch
 
@@ -33,12 +33,12 @@ from triton.runtime.errors import OutOfResources  # noqa: E402
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x·log2 e): folded into the scale, exp2 is the fast instruction
 
 
-def block_step(s, v, m_i, l_i, acc):
-    """The kernel's inner loop: fold one block of scores into the running state (base 2).
+def block_step(m_i, l_i, acc, s, v):
+    """The kernel's inner loop: fold one block of scores into the running state (m, l, acc), base 2.
 
-    s (BLOCK_M, BLOCK_N) scores already multiplied by scale·log2(e), -inf where masked;
-    v (BLOCK_N, BLOCK_D) values; m_i, l_i (BLOCK_M,) running max and denominator; acc
-    (BLOCK_M, BLOCK_D) the output not yet divided by l. Returns (m_i, l_i, acc) updated:
+    m_i, l_i (BLOCK_M,) running max and denominator; acc (BLOCK_M, BLOCK_D) the output not yet
+    divided by l; s (BLOCK_M, BLOCK_N) scores already multiplied by scale·log2(e), -inf where
+    masked; v (BLOCK_N, BLOCK_D) values. Returns (m_i, l_i, acc) updated:
     m' = max(m, rowmax s), p = 2^(s - m'), l' = 2^(m - m')·l + rowsum p, acc' = 2^(m - m')·acc + p v.
     """
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -80,7 +80,7 @@ def _forward_blocks(q, k_base, v_base, m_i, l_i, acc, offs_m, offs_d, lo, hi, n_
             if CAUSAL:
                 valid = valid & (offs_n[None, :] <= offs_m[:, None] + offset)
             s = tl.where(valid, s, float("-inf"))
-        m_i, l_i, acc = STEP(s, v, m_i, l_i, acc)
+        m_i, l_i, acc = STEP(m_i, l_i, acc, s, v)
     return m_i, l_i, acc
 
 
@@ -231,9 +231,12 @@ def forward(q, k, v, *, causal: bool = False, scale: float | None = None, step=N
     interpreter a plain Python function using `tl` works, compiled it must be `triton.jit`ted.
     """
     attention.check_qkv(q, k, v)
+    ok, why = kernel_available(q.device)
+    if not ok:  # a clear reason rather than Triton's error from deep inside the launch
+        raise RuntimeError(f"flash.forward cannot run the Triton kernel here: {why}")
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     b, h, n_q, n_k, d, group = _shape(q, k)
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    scale = attention.resolve_scale(scale, d)
     cfg = _config(d)
     block_m, block_n, launch = cfg["fwd"]
     o = torch.empty_like(q)
@@ -316,10 +319,11 @@ def flash_attention(q, k, v, *, causal: bool = False, scale: float | None = None
     attention.check_qkv(q, k, v)
     if not 1 <= q.shape[-1] <= 256:
         raise ValueError(f"q has head_dim {q.shape[-1]}; the kernel supports 1 to 256 (tested 16 to 128)")
+    scale = attention.resolve_scale(scale, q.shape[-1])
     ok, why = kernel_available(q.device)
     if ok:
         try:
-            return FlashAttention.apply(q, k, v, causal, 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale))
+            return FlashAttention.apply(q, k, v, causal, scale)
         except (CompilationError, OutOfResources) as error:  # e.g. too little shared memory for these blocks
             why = f"Triton could not build the kernel here ({type(error).__name__}: {str(error).splitlines()[0]})"
     global _fallback_said

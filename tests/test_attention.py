@@ -1,12 +1,14 @@
 """Attention variants against independent oracles: torch SDPA and the softmax formula in float64."""
 
 import math
+import weakref
 
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lectlib import profiling
 from lectlib.attention import (blockwise_attention, merge_attention_blocks, naive_attention, online_softmax_attention,
@@ -115,12 +117,12 @@ def test_online_softmax_step_keeps_max_denominator_and_output():
     g = torch.Generator().manual_seed(2)
     s, v = torch.randn(3, 10, generator=g, dtype=torch.float64) * 30, torch.randn(3, 10, 4, generator=g, dtype=torch.float64)
     s[0, :4] = float("-inf")  # masked keys first: the state must stay empty, not nan
-    m, z, o = torch.full((3,), float("-inf"), dtype=torch.float64), torch.zeros(3, dtype=torch.float64), torch.zeros(3, 4, dtype=torch.float64)
+    m, l, o = torch.full((3,), float("-inf"), dtype=torch.float64), torch.zeros(3, dtype=torch.float64), torch.zeros(3, 4, dtype=torch.float64)
     for j in range(10):
-        m, z, o = online_softmax_step(m, z, o, s[:, j], v[:, j])
+        m, l, o = online_softmax_step(m, l, o, s[:, j], v[:, j])
         seen = s[:, : j + 1]
         torch.testing.assert_close(m, seen.amax(-1))
-        torch.testing.assert_close(z, torch.exp(seen - seen.amax(-1, keepdim=True)).sum(-1).nan_to_num(0.0))
+        torch.testing.assert_close(l, torch.exp(seen - seen.amax(-1, keepdim=True)).sum(-1).nan_to_num(0.0))
         torch.testing.assert_close(o, torch.einsum("rj,rjd->rd", torch.softmax(seen, -1), v[:, : j + 1]).nan_to_num(0.0))
 
 
@@ -129,11 +131,12 @@ def test_merge_attention_blocks_equals_attention_over_the_union():
     s, v = torch.randn(2, 12, generator=g, dtype=torch.float64) * 50, torch.randn(2, 12, 3, generator=g, dtype=torch.float64)
 
     def part(lo, hi):
+        """The state (m, l, o) of keys lo .. hi-1."""
         x = s[:, lo:hi]
         if hi == lo:
-            return torch.zeros(2, 3, dtype=x.dtype), torch.full((2,), float("-inf"), dtype=x.dtype), torch.zeros(2, dtype=x.dtype)
+            return torch.full((2,), float("-inf"), dtype=x.dtype), torch.zeros(2, dtype=x.dtype), torch.zeros(2, 3, dtype=x.dtype)
         m = x.amax(-1)
-        return torch.einsum("rj,rjd->rd", torch.softmax(x, -1), v[:, lo:hi]), m, torch.exp(x - m[:, None]).sum(-1)
+        return m, torch.exp(x - m[:, None]).sum(-1), torch.einsum("rj,rjd->rd", torch.softmax(x, -1), v[:, lo:hi])
 
     whole = part(0, 12)
     for cut in (0, 1, 5, 12):  # an empty part is the identity
@@ -142,21 +145,56 @@ def test_merge_attention_blocks_equals_attention_over_the_union():
             torch.testing.assert_close(got, want)
 
 
-def test_blockwise_peak_memory_is_linear_where_naive_is_quadratic():
-    """Measured with the torch profiler's allocation trace (lectlib.profiling), fp32, one head, D=16."""
-    torch.manual_seed(0)
+class PeakTensorBytes(TorchDispatchMode):
+    """Peak bytes of the tensors that torch ops create while the mode is on, each freed when torch frees
+    its storage (views and in-place results add nothing): an exact allocation count, without the
+    profiler's cost per event. Tensors that existed before (the inputs) are not counted."""
 
-    def peak(fn, n):
+    def __init__(self):
+        super().__init__()
+        self.held = self.peak = 0
+
+    def _free(self, nbytes):
+        self.held -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for ret, t in zip(func._schema.returns, out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, torch.Tensor) and ret.alias_info is None:
+                storage = t.untyped_storage()
+                self.held += storage.nbytes()
+                self.peak = max(self.peak, self.held)
+                weakref.finalize(storage, self._free, storage.nbytes())
+        return out
+
+
+PEAK_CASES = {  # variant: (three lengths, each double the last; how the peak grows per doubling)
+    "naive": ([128, 256, 512], 4),
+    "online": ([64, 128, 256], 2),
+    "blockwise": ([512, 1024, 2048], 2),
+}
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("name", PEAK_CASES)
+def test_peak_memory_is_linear_except_for_naive_attention(name, causal, one_thread):
+    """Peak bytes of the tensors each variant allocates (fp32, one head, D=16, blocks of 32 keys).
+    Naive attention holds the N x N scores; the others O(N · block) even when causal: only each
+    block's columns of the mask are built (the whole mask made both grow faster than 2x)."""
+    lengths, growth = PEAK_CASES[name]
+    fn = {"blockwise": lambda q, k, v, **kw: blockwise_attention(q, k, v, block_size=32, **kw)}.get(name, VARIANTS[name])
+    peaks = []
+    for n in lengths:
         q, k, v = (torch.randn(1, 1, n, 16) for _ in range(3))
-        return profiling.peak_memory_bytes(lambda: fn(q, k, v))
+        with PeakTensorBytes() as counted:
+            fn(q, k, v, causal=causal)
+        assert counted.held == 0  # every temporary was freed: the count is complete
+        peaks.append(counted.peak)
+    ratios = [b / a for a, b in zip(peaks, peaks[1:])]
+    assert all(0.9 * growth < r < 1.1 * growth for r in ratios), (peaks, ratios)
+    n = lengths[-1]
+    if name == "naive":
+        assert peaks[-1] >= 3 * n * n * 4  # fp32 scores, probabilities and the mask or exp
+    else:
+        assert peaks[-1] < n * n * 4 / 2  # less than half of one fp32 N x N score matrix
 
-    block = 256
-    naive = {n: peak(naive_attention, n) for n in (1024, 2048, 4096)}
-    blockwise = {n: peak(lambda q, k, v: blockwise_attention(q, k, v, block_size=block), n) for n in (4096, 8192, 16384)}
-    # Naive holds the N x N scores (4 bytes each): doubling N quadruples its peak.
-    assert naive[4096] >= 4096**2 * 4
-    assert 3.5 < naive[2048] / naive[1024] < 4.5 and 3.5 < naive[4096] / naive[2048] < 4.5
-    # Blockwise holds N x block scores: doubling N doubles its peak, far below N x N.
-    assert 1.7 < blockwise[8192] / blockwise[4096] < 2.3 and 1.7 < blockwise[16384] / blockwise[8192] < 2.3
-    # At 16k tokens it needs less than naive attention at 4k, and a fraction of one 16k x 16k matrix.
-    assert blockwise[16384] < naive[4096] and blockwise[16384] < 16384**2 * 4 / 8

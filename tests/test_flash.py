@@ -81,9 +81,9 @@ def test_causal_skips_the_blocks_above_the_diagonal():
     """Count the inner-loop steps: causal attention visits the blocks on and below the diagonal only."""
     calls = []
 
-    def counting_step(s, v, m_i, l_i, acc):
+    def counting_step(m_i, l_i, acc, s, v):
         calls.append(1)
-        return flash.block_step(s, v, m_i, l_i, acc)
+        return flash.block_step(m_i, l_i, acc, s, v)
 
     n, d = 64, 16
     block_m, block_n, _ = flash._config(d)["fwd"]
@@ -103,7 +103,7 @@ def test_a_wrong_inner_loop_is_caught():
     """Forgetting to rescale the running sums when the max grows gives wrong outputs."""
     import triton.language as tl
 
-    def no_rescale(s, v, m_i, l_i, acc):
+    def no_rescale(m_i, l_i, acc, s, v):
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
         return m_new, l_i + tl.sum(p, 1), acc + tl.dot(p.to(v.dtype), v)

@@ -14,7 +14,7 @@ def _row(seed: int, n: int = 12, d: int = 4, spread: float = 1.0):
 
 
 def _softmax_state(s, v):
-    """(max, denominator, output) of softmax over the scores s (n,) with values v (n, d); empty -> (-inf, 0, 0)."""
+    """The online-softmax state (m, l, o) of scores s (n,) with values v (n, d): max, denominator, output; empty -> (-inf, 0, 0)."""
     m = s.max()
     if m == NEG_INF:
         return m, torch.tensor(0.0, dtype=s.dtype), torch.zeros(v.shape[1], dtype=s.dtype)
@@ -29,12 +29,12 @@ def _(candidate):
     s[:3] = NEG_INF
     cases["the first three keys masked (score -inf): the state must stay empty, not nan"] = (s, v)
     for what, (s, v) in cases.items():
-        m, z, o = torch.tensor(NEG_INF, dtype=s.dtype), torch.tensor(0.0, dtype=s.dtype), torch.zeros(v.shape[1], dtype=s.dtype)
+        m, l, o = torch.tensor(NEG_INF, dtype=s.dtype), torch.tensor(0.0, dtype=s.dtype), torch.zeros(v.shape[1], dtype=s.dtype)
         for j in range(len(s)):
-            m, z, o = candidate(m, z, o, s[j], v[j])
-            want_m, want_z, want_o = _softmax_state(s[: j + 1], v[: j + 1])
+            m, l, o = candidate(m, l, o, s[j], v[j])
+            want_m, want_l, want_o = _softmax_state(s[: j + 1], v[: j + 1])
             expect_close(m, want_m, f"{what}: the running max after key {j}")
-            expect_close(z, want_z, f"{what}: the denominator Σ exp(s - m) after key {j}", rtol=1e-6)
+            expect_close(l, want_l, f"{what}: the denominator Σ exp(s - m) after key {j}", rtol=1e-6)
             expect_close(o, want_o, f"{what}: the output after key {j}", rtol=1e-6, atol=1e-9)
 
 
@@ -44,18 +44,17 @@ def _(candidate):
         s, v = _row(3, n=10, spread=spread)
         whole = _softmax_state(s, v)
         for cut in (3, 7):
-            merged = candidate(*(x for part in (_softmax_state(s[:cut], v[:cut]), _softmax_state(s[cut:], v[cut:]))
-                                 for x in (part[2], part[0], part[1])))
-            expect(isinstance(merged, tuple) and len(merged) == 3, "return the tuple (o, m, l)")
-            for got, want, name in zip(merged, (whole[2], whole[0], whole[1]), ("o", "m", "l")):
+            merged = candidate(*_softmax_state(s[:cut], v[:cut]), *_softmax_state(s[cut:], v[cut:]))
+            expect(isinstance(merged, tuple) and len(merged) == 3, "return the tuple (m, l, o)")
+            for got, want, name in zip(merged, whole, ("m", "l", "o")):
                 expect_close(got, want, f"{what}, keys split after {cut}: the merged {name}", rtol=1e-6, atol=1e-9)
     s, v = _row(4, n=6)
-    m, l, o = _softmax_state(s, v)
-    empty = (torch.zeros(4, dtype=s.dtype), torch.tensor(NEG_INF, dtype=s.dtype), torch.tensor(0.0, dtype=s.dtype))
-    merged = candidate(o, m, l, *empty)
-    expect_close(merged[0], o, "merging with an empty part (m = -inf, l = 0) must change nothing, and not give nan")
+    state = _softmax_state(s, v)
+    empty = (torch.tensor(NEG_INF, dtype=s.dtype), torch.tensor(0.0, dtype=s.dtype), torch.zeros(4, dtype=s.dtype))
+    merged = candidate(*state, *empty)
+    expect_close(merged[2], state[2], "merging with an empty part (m = -inf, l = 0) must change nothing, and not give nan")
     merged = candidate(*empty, *empty)
-    expect_close(merged[0], torch.zeros(4), "two empty parts: the output stays 0, not nan")
+    expect_close(merged[2], torch.zeros(4), "two empty parts: the output stays 0, not nan")
 
 
 @exercise("flash_block_step", reference=lambda *args: _flash().block_step(*args))
