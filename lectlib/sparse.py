@@ -281,7 +281,7 @@ def moba_mask(q, k, *, block_size: int, top_k: int, scale=None) -> torch.Tensor:
     own = (torch.arange(n_k - n_q, n_k, device=q.device) // block_size)[:, None]  # each query's block
     blocks = torch.arange(n_blocks, device=q.device)[None, :]
     gate = gate.masked_fill(blocks >= own, float("-inf"))  # only whole earlier blocks compete
-    chosen = blocks == own
+    chosen = (blocks == own).expand_as(gate)
     if top_k > 1 and n_blocks > 1:
         best = gate.topk(min(top_k - 1, n_blocks), dim=-1)
         picked = torch.zeros_like(gate, dtype=torch.bool).scatter(-1, best.indices, best.values > float("-inf"))
