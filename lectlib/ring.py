@@ -404,7 +404,8 @@ def ring_bytes_sent(*, seq_len: int, world_size: int, n_kv_heads: int, head_dim:
                 bytes_per_element=bytes_per_element)
     if not backward:
         return (world_size - 1) * ring_bytes_per_step(**step)
-    return (world_size - 1) * ring_bytes_per_step(**step, backward=True) + ring_bytes_per_step(**step)
+    home = ring_bytes_per_step(**step) if world_size > 1 else 0
+    return (world_size - 1) * ring_bytes_per_step(**step, backward=True) + home
 
 
 def overlap_block_tokens(*, flops: float, bandwidth: float, n_heads: int = 1, n_kv_heads: int = 1,

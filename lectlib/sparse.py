@@ -141,7 +141,9 @@ def pattern_index(pattern: str, n_q: int, n_k: int | None = None, *, device=None
     j = _candidates(pattern, p, i, n_k).sort(dim=1).values
     valid = _allowed(pattern, p, i, j) & (j < n_k)
     valid[:, 1:] &= j[:, 1:] != j[:, :-1]  # a key listed twice (two rules, two segments) counts once
-    return j.clamp(0, n_k - 1), valid
+    # Valid keys first in each row, then drop the columns no row needs: C = the most keys any query sees.
+    order = torch.where(valid, j, j + 2 * n_k).argsort(dim=1)[:, :max(1, int(valid.sum(1).max()))]
+    return j.gather(1, order).clamp(0, n_k - 1), valid.gather(1, order)
 
 
 def gathered_attention(q, k, v, index, valid, *, scale=None, query_block: int = 256) -> torch.Tensor:
@@ -161,7 +163,7 @@ def gathered_attention(q, k, v, index, valid, *, scale=None, query_block: int = 
     for s in range(0, n_q, query_block):
         e = min(n_q, s + query_block)
         idx, ok = index[s:e].to(q.device), valid[s:e].to(q.device)
-        kg, vg = k[:, :, idx], v[:, :, idx]  # (B, H_kv, block, C, D)
+        kg, vg = (x.index_select(2, idx.flatten()).unflatten(2, idx.shape) for x in (k, v))  # (B, H_kv, block, C, D)
         qg = q[:, :, s:e].reshape(b, h_kv, h // h_kv, e - s, d)  # query heads grouped by their KV head
         scores = torch.einsum("bgrqd,bgqcd->bgrqc", qg.float(), kg.float()) * scale
         scores = scores.masked_fill(~ok, float("-inf"))
