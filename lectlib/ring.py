@@ -128,6 +128,15 @@ def _block_forward(q, k, v, visible, scale):
     return o_all, m_all, q.new_zeros(q.shape[:-1]).index_copy(2, rows, l)
 
 
+def fold_block(o, m, l, q, k, v, *, scale: float, visible=(None, None, None)):
+    """One ring step: attend q (B, H, n, D) to one K/V block (B, H_kv, n_k, D) and merge the result into the
+    running state o (B, H, n, D), m and l (B, H, n) (`merge_attention_blocks`). Returns the new (o, m, l).
+
+    `visible` (rows, cols, mask) restricts the block for causal attention (see `_visible`).
+    """
+    return merge_attention_blocks(o, m, l, *_block_forward(q, k, v, visible, scale))
+
+
 def _block_backward(q, k, v, do, lse, delta, visible, scale):
     """(dq, dk, dv) contributions of one K/V block (FlashAttention-2's backward, Dao 2023, Algorithm 2)."""
     rows, cols, mask = visible
@@ -207,7 +216,7 @@ def _ring_forward(q, k, v, causal, scale, group, layout, stats):
         source = (rank - step) % world  # whose K/V block this rank holds at this step
         visible = _visible(pos_q, layout_positions(n * world, source, world, layout).to(q.device), causal)
         if visible is not False:
-            o, m, l = merge_attention_blocks(o, m, l, *_timed(stats, _block_forward, q, kv[0], kv[1], visible, scale))
+            o, m, l = _timed(stats, fold_block, o, m, l, q, kv[0], kv[1], scale=scale, visible=visible)
         elif stats is not None:
             stats.compute_seconds.append(0.0)
         if step < world - 1:

@@ -230,6 +230,14 @@ def sliding_window_loop(q, k, v, *, window: int, scale=None) -> torch.Tensor:
     return out
 
 
+def sliding_chunk_mask(q_start: int, q_end: int, k_start: int, window: int, *, device=None) -> torch.Tensor:
+    """(q_end - q_start, q_end - k_start) bool: which keys k_start .. q_end - 1 the queries at positions
+    q_start .. q_end - 1 see in a causal window of `window` (0 <= i - j < window): one chunk's band."""
+    i = torch.arange(q_start, q_end, device=device)[:, None]
+    j = torch.arange(k_start, q_end, device=device)[None, :]
+    return (j <= i) & (j > i - window)
+
+
 def sliding_window_chunks(q, k, v, *, window: int, scale=None) -> torch.Tensor:
     """Sliding window over overlapping chunks (Longformer's "sliding chunks"): (B, H, N_q, D).
 
@@ -247,9 +255,7 @@ def sliding_window_chunks(q, k, v, *, window: int, scale=None) -> torch.Tensor:
     for s in range(0, n_q, window):
         e = min(n_q, s + window)
         lo = max(0, s + offset - window + 1)
-        i = torch.arange(s + offset, e + offset, device=q.device)[:, None]
-        j = torch.arange(lo, e + offset, device=q.device)[None, :]
-        band = (j <= i) & (j > i - window)
+        band = sliding_chunk_mask(s + offset, e + offset, lo, window, device=q.device)
         scores = (q[:, :, s:e].float() @ k[:, :, lo:e + offset].float().transpose(-1, -2) * scale).masked_fill(~band, float("-inf"))
         out[:, :, s:e] = (torch.softmax(scores, dim=-1) @ v[:, :, lo:e + offset].float()).to(q.dtype)
     return out
@@ -328,3 +334,101 @@ def moba_share(n: int, *, block_size: int, top_k: int) -> float:
     i = torch.arange(n)
     kept = (i % block_size + 1) + torch.clamp(i // block_size, max=top_k - 1) * block_size
     return kept.sum().item() / (n * (n + 1) / 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Quality without training: SmolLM2 with each pattern in every layer.
+
+def variants(window: int = 256) -> dict[str, tuple]:
+    """name -> (attention function or None for full attention, share(n) of the causal keys it keeps).
+
+    Sizes scale with `window`, so each family is shown at a few shares of the keys: sliding
+    windows of w and 4w (with and without 4 global tokens, the attention sink of chapter 4),
+    strided and fixed with stride w/4, dilated with LongNet's geometric segments w/2 .. 8w, and
+    MoBA with blocks of w/2 and 2 or 4 blocks per query.
+    """
+    def share(pattern, **p):
+        return lambda n: keys_share(pattern_mask(pattern, n, **p))
+
+    def routing(b, k):
+        return moba_attention(block_size=b, top_k=k), lambda n: moba_share(n, block_size=b, top_k=k)
+
+    s = max(1, window // 4)
+    table = {"full": (None, lambda n: 1.0)}
+    for name, pattern, p in [
+        (f"sliding {window}", "sliding", dict(window=window)),
+        (f"sliding {window} + 4 global", "sliding", dict(window=window, global_tokens=4)),
+        (f"sliding {4 * window} + 4 global", "sliding", dict(window=4 * window, global_tokens=4)),
+        (f"strided {s}", "strided", dict(stride=s)),
+        (f"fixed {window}, {s} summary", "fixed", dict(stride=window, summary=s)),
+        (f"dilated {window // 2}..{8 * window}", "dilated", dict(segments=[window // 2, 2 * window, 8 * window], rates=[1, 4, 16])),
+    ]:
+        table[name] = (pattern_attention(pattern, **p), share(pattern, **p))
+    for k in (2, 4):
+        table[f"MoBA {window // 2} x {k}"] = routing(window // 2, k)
+    return table
+
+
+def quality(model, tokenizer, *, n: int, passkey_length: int, depths, trials: int, window: int = 256,
+            start: int = 300_000, names=None, progress: bool = True) -> list[dict]:
+    """Rows {variant, share, ppl, ppl_late, passkey, passkey_share}: SmolLM2 with each of `variants(window)`
+    in every layer, no training, beside full attention.
+
+    ppl: perplexity of n tokens of the KJV from token `start` (well past Genesis 1, which the
+    model has memorised); ppl_late: over the second half, whose queries have the most keys to
+    lose. passkey: retrieval accuracy (`lectlib.evals.passkey_accuracy`) at `passkey_length`
+    tokens over `depths` x `trials`. share: the share of causal keys kept at n (and at the
+    passkey length). The model's own attention is restored afterwards.
+    """
+    from tqdm.auto import tqdm
+
+    from . import data, evals
+    from .attention import sdpa_attention
+
+    table = variants(window)
+    names = list(table) if names is None else names
+    ids = data.window(tokenizer, n, start=start).to(next(model.parameters()).device)
+    rows = []
+    try:
+        for name in tqdm(names, desc="variants", disable=not progress):
+            fn, share = table[name]
+            model.set_attention(fn or sdpa_attention)
+            nll = evals.token_nlls(model, ids)
+            cells = evals.passkey_accuracy(model, tokenizer, [passkey_length], list(depths), trials=trials, progress=False)
+            rows.append({"variant": name, "share": share(n), "ppl": math.exp(nll.mean().item()),
+                         "ppl_late": math.exp(nll[n // 2:].mean().item()),
+                         "passkey": sum(c["accuracy"] for c in cells) / len(cells),
+                         "passkey_share": share(cells[0]["tokens"])})
+    finally:
+        model.set_attention(sdpa_attention)
+    return rows
+
+
+def main(argv=None) -> None:
+    """python -m lectlib.sparse [--n N] [--passkey-length L] ...: record `quality` to data/results/sparse_quality.json."""
+    import argparse
+    import json
+
+    from . import models
+    from .bench import RESULTS, environment, table as text_table
+
+    parser = argparse.ArgumentParser(prog="python -m lectlib.sparse", description=main.__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=4096)
+    parser.add_argument("--passkey-length", type=int, default=2048)
+    parser.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9])
+    parser.add_argument("--trials", type=int, default=2)
+    parser.add_argument("--window", type=int, default=256)
+    args = parser.parse_args(argv)
+    model, tok = models.load()
+    rows = quality(model, tok, n=args.n, passkey_length=args.passkey_length, depths=args.depths, trials=args.trials,
+                   window=args.window)
+    print(text_table(rows, list(rows[0])))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / "sparse_quality.json"
+    path.write_text(json.dumps({"experiment": "sparse quality", "environment": environment(), "settings": vars(args),
+                                "model": "SmolLM2-135M-Instruct", "rows": rows}, indent=1))
+    print(f"recorded {len(rows)} rows to {path}")
+
+
+if __name__ == "__main__":
+    main()
