@@ -195,9 +195,9 @@ def _wait(requests, stats):
         stats.wait_seconds.append(time.perf_counter() - start)
 
 
-def _timed(stats, fn, *args):
+def _timed(stats, fn, *args, **kwargs):
     start = time.perf_counter()
-    out = fn(*args)
+    out = fn(*args, **kwargs)
     if stats is not None:
         stats.compute_seconds.append(time.perf_counter() - start)
     return out

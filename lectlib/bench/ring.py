@@ -71,7 +71,7 @@ def measure(worlds, lengths, *, heads: int = 4, kv_heads: int = 2, head_dim: int
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m lectlib.bench ring", description=__doc__.splitlines()[0])
     parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--record", action="store_true", help="write data/results/ring-<device>.json")
     args = parser.parse_args(argv)

@@ -58,7 +58,7 @@ def measure(lengths, *, heads: int = 2, head_dim: int = 64, window: int = 256, m
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m lectlib.bench sparse", description=__doc__.splitlines()[0])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
     parser.add_argument("--window", type=int, default=256)
     parser.add_argument("--heads", type=int, default=2)
     parser.add_argument("--max-full", type=int, default=8192, help="longest N for the N x N mask form")
