@@ -131,10 +131,22 @@ class Replay:
             exception = NotImplementedError if kind == "NotImplementedError" else type(kind, (Exception,), {})
             raise exception(str(call.get("message", ""))[:MAX_MESSAGE])
         returned = call.get("returned")
-        if isinstance(returned, dict) and set(returned) == {"unreadable"}:
-            raise grading.ExerciseFailure(f"your function returned {returned['unreadable']}, which the grader cannot "
-                                          "read back: return tensors, numbers, strings, lists, tuples or dicts")
+        unreadable = _unreadable(returned)
+        if unreadable:
+            raise grading.ExerciseFailure(f"your function returned a {unreadable}, which the grader cannot read "
+                                          "back: return tensors, numbers, strings, lists, tuples or dicts")
         return returned
+
+
+def _unreadable(value, depth: int = 0) -> str | None:
+    """The type name in the first `{"unreadable": ...}` marker inside `value`, if any."""
+    if isinstance(value, dict):
+        if set(value) == {"unreadable"}:
+            return str(value["unreadable"])
+        value = list(value.values())
+    if isinstance(value, (list, tuple)) and depth < 25:
+        return next((found for v in value if (found := _unreadable(v, depth + 1))), None)
+    return None
 
 
 def checks_of(name: str, hidden: dict) -> list[tuple[str, object, float]]:
