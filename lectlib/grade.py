@@ -167,6 +167,7 @@ def record_checks(name: str, candidate, hidden: dict) -> dict:
             record, stopped = Record(None), f"{type(error).__name__}: {str(error)[:MAX_MESSAGE]}"
         else:
             try:
+                torch.manual_seed(0)  # a check drawing from the global generator draws the same inputs in the replay
                 check(record)
             except BaseException as error:  # noqa: B036 — a failed check, or the learner's sys.exit
                 stopped = f"{type(error).__name__}: {str(error)[:MAX_MESSAGE]}"
@@ -184,6 +185,7 @@ def replay_checks(name: str, recorded: dict, hidden: dict) -> list[dict]:
             passed, message = False, "this check did not run in the learner's process"
         else:
             try:
+                torch.manual_seed(0)
                 grading.run_check(name, Replay(entry["calls"], entry.get("stopped")), check=check)
                 passed, message = True, "passed"
             except grading.ExerciseFailure as failure:
@@ -612,6 +614,16 @@ def table(reports: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def gradescope(report: dict) -> dict:
+    """One learner's report as Gradescope's results.json: a test per check; hidden ones shown once grades are published."""
+    tests = []
+    for e in report["exercises"]:
+        for c in e["checks"] or [{"check": "public", "points": 0, "max_points": e["max_points"], "message": e["message"]}]:
+            tests.append({"name": f"{e['name']} ({c['check']})", "score": c["points"], "max_score": c["max_points"],
+                          "output": c["message"], "visibility": "visible" if c["check"] == "public" else "after_published"})
+    return {"score": report["total"], "output": "\n".join(report["errors"]), "tests": tests}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lectlib.grade", description=__doc__.splitlines()[0])
     parser.add_argument("submission", type=Path, help="a notebook, or a folder of notebooks (one per learner)")
@@ -619,6 +631,7 @@ def main(argv=None) -> int:
     parser.add_argument("--hidden", type=Path, help="the instructor's folder of hidden checks (*.py)")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per cell and per exercise")
     parser.add_argument("--notebook-timeout", type=float, default=600.0, help="seconds per notebook, in all")
+    parser.add_argument("--gradescope", type=Path, help="also write this results.json (one submission only)")
     args = parser.parse_args(argv)
     if args.submission.is_dir():
         paths = sorted(args.submission.glob("*.ipynb"))
@@ -636,6 +649,11 @@ def main(argv=None) -> int:
             print(f"{r['student']}: {r['total']:g}/{r['max_total']:g} ({r['seconds']} s)"
                   + "".join(f"\n  error: {e}" for e in r["errors"]), flush=True)
     csv_path, json_path = write_reports(reports, args.out)
+    if args.gradescope:
+        if len(reports) != 1:
+            parser.error(f"--gradescope takes one submission, found {len(reports)}: {[r['student'] for r in reports]}")
+        args.gradescope.parent.mkdir(parents=True, exist_ok=True)
+        args.gradescope.write_text(json.dumps(gradescope(reports[0]), indent=1))
     print(table(reports))
     print(f"wrote {csv_path} and {json_path}")
     nothing_found = [r["student"] for r in reports if not r["exercises_found"]]
