@@ -1,36 +1,36 @@
 """The autograder: grade learners' notebooks in isolated processes, write scores as JSON and CSV.
 
-    python -m lectlib.grade SUBMISSION.ipynb|FOLDER --out grades.csv [--hidden FOLDER]
+    python -m lectlib.grade SUBMISSION.ipynb|FOLDER --out grades.csv [--hidden FOLDER] [--chapter STEM]
 
-How a verdict is reached, and why a submission cannot change it:
+How a verdict is reached, and why a submission cannot change it (book/instructors.md says more):
 1. This process (the grader) imports every exercise check, and the instructor's hidden checks,
-   before any learner's code runs, and keeps a snapshot of lectlib with the hash of each file.
-2. Each submission runs in its own subprocess, from a fresh read-only copy of that snapshot. It
-   executes the notebook's exercise cells and the cells they depend on (so helpers from other
-   cells work), then runs each check on the learner's function and records, call after call,
-   only what the function returned or raised (data: tensors, numbers, strings, lists; see
-   `to_data`).
-3. The grader reruns each check itself on a stand-in that returns the recorded values
-   (`Replay`): the expected values, the comparisons and the verdict are computed here, where
-   the learner's patches to `run_check`, `torch.allclose` or anything else never ran.
-4. Every cell and every exercise has a wall-clock limit, and so has the whole notebook. A
-   process that hangs, exits (`os._exit`, `sys.exit`) or is interrupted is killed or noted,
-   the step is marked failed, and a new process carries on with the rest.
-5. After each submission the snapshot and the instructor's lectlib are hashed again; a change
-   is reported as tampering (the submission scores zero) and later copies are never made from it.
+   before any learner's code runs, and keeps the files of lectlib and of the hidden checks in memory.
+2. Each notebook runs in its own process, forked from a process that imported torch and the checks
+   from a read-only copy written from that memory. It executes the exercise cells and the cells
+   they read names from (so helpers from other cells work), then runs each check on the learner's
+   function and records, call after call, only what the function returned or raised, as data
+   (`to_data`).
+3. The grader reruns each check itself on a stand-in that returns the recorded values (`Replay`):
+   the expected values, the comparisons and the verdict are computed here, where the learner's
+   patches to `run_check`, `torch.allclose` or anything else never ran.
+4. Every cell and every exercise has a wall-clock limit, and so has the whole notebook. A process
+   that hangs is killed, one that exits (`os._exit`) is noted; the step fails and a new process
+   carries on with the rest.
+5. After each notebook, lectlib, the hidden checks and the copy are compared with the memory; a
+   change is tampering: the files are restored and the notebook scores zero.
 """
 
 import argparse
 import ast
 import builtins
 import csv
-import hashlib
 import json
 import os
 import re
 import select
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -265,8 +265,9 @@ class Submission:
     errors: list[str] = field(default_factory=list)
 
 
-def read_submission(path: Path, chapters: dict[str, list[str]]) -> Submission:
-    """The submission's code cells, which chapter it answers, and where each of its exercises is."""
+def read_submission(path: Path, chapters: dict[str, list[str]], chapter: str | None = None) -> Submission:
+    """The submission's code cells, which chapter it answers (`chapter`, else its metadata, its file name,
+    its check(...) calls), and where each of its exercises is."""
     try:
         notebook = nbformat.read(path, as_version=4)
     except Exception as error:  # not a notebook at all: nothing to grade, said in the report
@@ -282,7 +283,7 @@ def read_submission(path: Path, chapters: dict[str, list[str]]) -> Submission:
     by_name = [stem for stem in chapters if stem in path.stem]
     mentioned = set(release.CHECK_CALL.findall("\n".join(sources)))
     by_checks = [stem for stem, names in chapters.items() if mentioned & set(names)]
-    chapter = next((c for c in ([claimed] if claimed in chapters else []) + by_name + by_checks), None)
+    chapter = chapter or next((c for c in ([claimed] if claimed in chapters else []) + by_name + by_checks), None)
     submission = Submission(path, chapter, chapters.get(chapter, []), sources,
                             {n: i for n, i in tagged.items() if n in chapters.get(chapter, [])})
     if chapter is None:
@@ -299,10 +300,44 @@ def read_submission(path: Path, chapters: dict[str, list[str]]) -> Submission:
 
 # ---------------------------------------------------------------- the learner's process
 
-def _child(job_path: str) -> None:
-    """Entry point of the learner's process: run the cells, then record every check, reporting each step."""
+def _forker(channel_fd: int) -> None:
+    """Entry point of the process that forks learners' processes, one per request on `channel_fd`.
+
+    It imports torch, IPython and the checks once, runs no learner's code itself, and forks: a new
+    Python process would cost seconds of imports per learner, a fork costs milliseconds. A request
+    is a job file and the pipe for its events; the answer is the forked process's id.
+    """
+    from IPython.core import interactiveshell  # noqa: F401 — imported here once, for every fork
+
+    grading.exercises()
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # forked processes are reaped as they end
+    channel = socket.socket(fileno=channel_fd)
+    while True:
+        message, fds, _, _ = socket.recv_fds(channel, 65536, 1)
+        if not message or not fds:
+            os._exit(0)
+        pid = os.fork()
+        if pid == 0:
+            channel.close()
+            os.setsid()  # its own process group: the grader kills it and whatever it started
+            try:
+                _child(message.decode(), fds[0])
+            finally:
+                os._exit(1)
+        os.close(fds[0])
+        channel.sendall(f"{pid}\n".encode())
+
+
+def _child(job_path: str, events_fd: int) -> None:
+    """The learner's process: run the cells, then record every check, reporting each step on `events_fd`."""
     job = json.loads(Path(job_path).read_text())
-    events = os.fdopen(job["events_fd"], "w", buffering=1)
+    output = os.open(job["output"], os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    for fd in (1, 2):
+        os.dup2(output, fd)
+    os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+    os.chdir(job["cwd"])
+    os.environ["IPYTHONDIR"] = str(Path(job["cwd"]) / "ipython")
+    events = os.fdopen(events_fd, "w", buffering=1)
 
     def say(**event):
         events.write(json.dumps(event) + "\n")
@@ -340,69 +375,94 @@ def _child(job_path: str) -> None:
 
 # ---------------------------------------------------------------- the grader's side
 
-def _tree(root: Path) -> dict[str, bytes]:
-    """{relative path: bytes} of every file under `root` but compiled caches."""
-    return {str(p.relative_to(root)): p.read_bytes()
-            for p in sorted(root.rglob("*")) if p.is_file() and "__pycache__" not in p.parts}
+def _tree(root: Path, *, caches: bool = True) -> dict[str, bytes]:
+    """{relative path: bytes} of every file under `root` (a link: its target), compiled caches unless `caches=False`."""
+    files = {}
+    for path in sorted(root.rglob("*")):
+        relative = str(path.relative_to(root))
+        if not caches and "__pycache__" in path.parts:
+            continue
+        if path.is_symlink():
+            files[relative] = b"a link to " + os.fsencode(os.readlink(path))
+        elif path.is_file():
+            files[relative] = path.read_bytes()
+    return files
 
 
-def _write_read_only(files: dict[str, bytes], root: Path) -> None:
-    """Write `files` under `root`, then make every file and folder there read-only."""
-    for relative, content in files.items():
-        (root / relative).parent.mkdir(parents=True, exist_ok=True)
-        (root / relative).write_bytes(content)
+def _make_read_only(root: Path) -> None:
     for path in sorted(root.rglob("*"), reverse=True) + [root]:
-        path.chmod(stat.S_IREAD | stat.S_IEXEC if path.is_dir() else stat.S_IREAD)
+        if not path.is_symlink():
+            path.chmod(stat.S_IREAD | stat.S_IEXEC if path.is_dir() else stat.S_IREAD)
+
+
+def _writable(path: Path) -> None:
+    if path.exists() and not path.is_symlink():
+        path.chmod(path.stat().st_mode | stat.S_IWUSR | (stat.S_IXUSR if path.is_dir() else 0))
 
 
 def _remove(root: Path) -> None:
     def writable_then_retry(function, path, _):
-        os.chmod(os.path.dirname(path), stat.S_IRWXU)
-        if os.path.lexists(path) and not os.path.islink(path):
-            os.chmod(path, stat.S_IRWXU)
+        _writable(Path(path).parent)
+        _writable(Path(path))
         function(path)
 
     shutil.rmtree(root, onerror=writable_then_retry)
 
 
-def _restore(root: Path, files: dict[str, bytes]) -> list[str]:
-    """Put `root` back as `files` (an added file removed, a changed one rewritten); return what had changed."""
-    now = _tree(root)
+def _restore(root: Path, files: dict[str, bytes], *, read_only: bool = False) -> list[str]:
+    """Put the tree `root` back as `files` (what was added removed, what changed rewritten); return what had changed."""
+    now = _tree(root) if root.exists() else {}
     changed = sorted({p for p in now if now[p] != files.get(p)} | (set(files) - set(now)))
     for relative in changed:
         path = root / relative
+        for folder in reversed(path.parents):
+            if folder.is_relative_to(root):
+                _writable(folder)
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+        elif path.is_dir():
+            _remove(path)
         if relative in files:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(files[relative])
-        else:
-            path.unlink()
+    if changed and read_only:
+        _make_read_only(root)
     return [str(root / p) for p in changed]
 
 
 class Grader:
     """Grades submissions one after the other, each in its own process, with limits in seconds."""
 
-    def __init__(self, *, hidden: Path | None = None, timeout: float = 60.0, notebook_timeout: float = 600.0):
+    def __init__(self, *, hidden: Path | None = None, chapter: str | None = None, timeout: float = 60.0,
+                 notebook_timeout: float = 600.0):
         if not timeout > 0 or not notebook_timeout > 0:
             raise ValueError(f"timeout and notebook_timeout must be positive, got {timeout}, {notebook_timeout}")
         self.timeout, self.notebook_timeout = timeout, notebook_timeout
         self.chapters = {path.stem: release.exercise_names(nbformat.read(path, as_version=4))
                          for path in release.chapters()}
+        if chapter is not None and chapter not in self.chapters:
+            raise ValueError(f"chapter must be one of {sorted(self.chapters)}, got {chapter!r}")
+        self.chapter = chapter
         # Every check is imported now, before any learner's code runs; the files are kept in memory:
         # each learner's process gets a copy written from them, and the originals are restored from them.
         grading.exercises()
         self.hidden_checks = grading.load_hidden(hidden) if hidden is not None else {}
-        self.trees = {LIBRARY: _tree(LIBRARY)}
-        self.library = {f"lectlib/{p}": content for p, content in self.trees[LIBRARY].items()}
-        self.hidden = None
-        if hidden is not None:
-            self.hidden = Path(hidden).resolve()
-            self.trees[self.hidden] = _tree(self.hidden)
-            self.library |= {f"hidden/{p}": content for p, content in self.trees[self.hidden].items()}
+        self.hidden = None if hidden is None else Path(hidden).resolve()
+        self.dont_write_bytecode, sys.dont_write_bytecode = sys.dont_write_bytecode, True  # a new .pyc is tampering
+        self.trees = {LIBRARY: _tree(LIBRARY)} | ({self.hidden: _tree(self.hidden)} if self.hidden else {})
+        library = {f"lectlib/{p}": content for p, content in _tree(LIBRARY, caches=False).items()}
+        if self.hidden:
+            library |= {f"hidden/{p}": content for p, content in _tree(self.hidden, caches=False).items()}
         self.workdir = Path(tempfile.mkdtemp(prefix="lectlib-grade-"))
+        self.copy = self.workdir / "library"  # what learners' processes import: read-only, restored after each
+        _restore(self.copy, library, read_only=True)
+        self.trees[self.copy] = library
+        self.forker = None
 
     def close(self) -> None:
+        self._stop_forker()
         _remove(self.workdir)
+        sys.dont_write_bytecode = self.dont_write_bytecode
 
     def __enter__(self):
         return self
@@ -413,23 +473,25 @@ class Grader:
     def grade(self, path: Path) -> dict:
         """The grade report of one notebook (see `report`)."""
         start = time.monotonic()
-        submission = read_submission(Path(path), self.chapters)
+        submission = read_submission(Path(path), self.chapters, self.chapter)
         outcomes, failures = {}, {}
         if submission.exercise_cells:
             outcomes, failures = self._run(submission)
-        changed = [p for root, files in self.trees.items() for p in _restore(root, files)]
+        changed = [p for root, files in self.trees.items() for p in _restore(root, files, read_only=root == self.copy)]
+        graded = report(submission, outcomes, failures, self.hidden_checks, time.monotonic() - start)
         if changed:
-            submission.errors.append(f"tampering: the submission changed the grader's files (restored), so it "
-                                     f"scores zero: {changed[:5]}")
-            outcomes, failures = {}, {n: "the submission changed the grader's files" for n in submission.expected}
-        return report(submission, outcomes, failures, self.hidden_checks, time.monotonic() - start)
+            graded["errors"].append(f"tampering: the submission changed the grader's files (now restored), so it "
+                                   f"scores zero: {changed[:5]}")
+            for exercise in graded["exercises"]:
+                exercise.update(points=0, passed=False, message=f"tampering; {exercise['message']}")
+            graded["total"] = 0
+        return graded
 
     def _run(self, submission: Submission) -> tuple[dict, dict]:
         """({exercise: recorded checks}, {exercise: why it failed}) from the learner's process(es)."""
         names = [n for n in submission.expected if n in submission.exercise_cells]
         cells = cells_to_run(submission.sources, [submission.exercise_cells[n] for n in names])
         scratch = Path(tempfile.mkdtemp(prefix="submission-", dir=self.workdir))
-        _write_read_only(self.library, scratch / "library")
         (scratch / "results").mkdir()
         deadline = time.monotonic() + self.notebook_timeout
         skipped, cell_errors, outcomes, failures = {}, {}, {}, {}
@@ -476,19 +538,14 @@ class Grader:
             if found:
                 functions.setdefault(str(index), {})[name] = found.group(1)
         job = {"cells": [(i, submission.sources[i]) for i in cells], "exercises": exercises, "functions": functions,
-               "events_fd": write_end,
-               "hidden": str(scratch / "library" / "hidden") if self.hidden else None,
-               "results": str(scratch / "results")}
+               "hidden": str(self.copy / "hidden") if self.hidden else None, "results": str(scratch / "results"),
+               "cwd": str(scratch), "output": str(scratch / "output.txt")}
         job_path = scratch / "job.json"
         job_path.write_text(json.dumps(job))
-        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "LECTLIB_SUBMISSION")}
-        env.update(PYTHONPATH=str(scratch / "library"), PYTHONDONTWRITEBYTECODE="1", IPYTHONDIR=str(scratch / "ipython"),
-                   PYTHONSAFEPATH="1", MPLBACKEND="Agg")
-        with open(scratch / "output.txt", "ab") as output:
-            child = subprocess.Popen([sys.executable, "-c", "import sys, lectlib.grade as g; g._child(sys.argv[1])",
-                                      str(job_path)], cwd=scratch, env=env, stdin=subprocess.DEVNULL, stdout=output,
-                                     stderr=subprocess.STDOUT, pass_fds=(write_end,), start_new_session=True)
-        os.close(write_end)
+        try:
+            pid = self._fork(job_path, write_end)
+        finally:
+            os.close(write_end)
         step, step_deadline, buffer = ("start", None), deadline, b""
         try:
             while True:
@@ -500,10 +557,8 @@ class Grader:
                     return (*step, f"timed out: the {limit} limit of {seconds:g} s ran out")
                 chunk = os.read(read_end, 65536)
                 if not chunk:
-                    code = child.wait()
                     where = {"cell": f"cell {step[1]}", "exercise": f"exercise {step[1]}"}.get(step[0], "starting")
-                    return (*step, f"the learner's process ended while running {where} (exit status {code}: "
-                                   "os._exit, a crash or a signal)")
+                    return (*step, f"the learner's process ended while running {where} (os._exit, a crash or a signal)")
                 buffer += chunk
                 *lines, buffer = buffer.split(b"\n")
                 for line in lines:
@@ -528,10 +583,50 @@ class Grader:
         finally:
             os.close(read_end)
             try:
-                os.killpg(child.pid, signal.SIGKILL)
+                os.killpg(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
-            child.wait()
+
+    def _fork(self, job_path: Path, events_fd: int) -> int:
+        """The id of a learner's process forked for `job_path`, reporting on `events_fd` (see `_forker`)."""
+        for _ in range(2):  # a learner's process may have killed the forker: start another once
+            if self.forker is None or self.forker.poll() is not None:
+                self._start_forker()
+            try:
+                socket.send_fds(self.channel, [str(job_path).encode()], [events_fd])
+                reply = b""
+                while not reply.endswith(b"\n"):
+                    chunk = self.channel.recv(64)
+                    if not chunk:
+                        raise ConnectionError("the forker ended")
+                    reply += chunk
+                return int(reply)
+            except (OSError, ValueError):
+                self._stop_forker()
+        raise RuntimeError(f"the grader's forking process failed twice; its output is in {self.workdir / 'forker.txt'}")
+
+    def _start_forker(self) -> None:
+        ours, its = socket.socketpair()
+        ours.settimeout(self.notebook_timeout)  # its first answer waits for its imports
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "LECTLIB_SUBMISSION")}
+        env.update(PYTHONPATH=str(self.copy), PYTHONDONTWRITEBYTECODE="1", PYTHONSAFEPATH="1", MPLBACKEND="Agg")
+        with open(self.workdir / "forker.txt", "ab") as log:
+            self.forker = subprocess.Popen([sys.executable, "-c", "import sys, lectlib.grade as g; g._forker(int(sys.argv[1]))",
+                                            str(its.fileno())], cwd=self.workdir, env=env, stdin=subprocess.DEVNULL,
+                                           stdout=log, stderr=subprocess.STDOUT, pass_fds=(its.fileno(),),
+                                           start_new_session=True)
+        its.close()
+        self.channel = ours
+
+    def _stop_forker(self) -> None:
+        if self.forker is not None:
+            self.channel.close()
+            try:
+                os.killpg(self.forker.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            self.forker.wait()
+            self.forker = None
 
 
 def _read_result(path: Path):
@@ -629,6 +724,8 @@ def main(argv=None) -> int:
     parser.add_argument("submission", type=Path, help="a notebook, or a folder of notebooks (one per learner)")
     parser.add_argument("--out", type=Path, default=Path("grades.csv"), help="the CSV; the JSON report goes beside it")
     parser.add_argument("--hidden", type=Path, help="the instructor's folder of hidden checks (*.py)")
+    parser.add_argument("--chapter", help="grade every notebook as this chapter (e.g. 00_why_long_context); by "
+                        "default the chapter a notebook's metadata names")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per cell and per exercise")
     parser.add_argument("--notebook-timeout", type=float, default=600.0, help="seconds per notebook, in all")
     parser.add_argument("--gradescope", type=Path, help="also write this results.json (one submission only)")
@@ -642,7 +739,12 @@ def main(argv=None) -> int:
     if not paths:
         parser.error(f"no .ipynb file in {args.submission}")
     reports = []
-    with Grader(hidden=args.hidden, timeout=args.timeout, notebook_timeout=args.notebook_timeout) as grader:
+    try:
+        grader = Grader(hidden=args.hidden, chapter=args.chapter, timeout=args.timeout,
+                        notebook_timeout=args.notebook_timeout)
+    except ValueError as error:
+        parser.error(str(error))
+    with grader:
         for path in paths:
             reports.append(grader.grade(path))
             r = reports[-1]

@@ -57,8 +57,9 @@ def test_a_patched_checker_scores_zero_and_the_next_learners_are_not_affected(cl
     reports = {r["student"]: r for r in class_run[2]["students"]}
     assert [r["student"] for r in class_run[2]["students"]] == ["ada", "ben", "cy", "dee"]
     ada = by_name(reports["ada"])
-    assert ada["kv_cache_bytes"]["message"].endswith("expected 2.62144e+06, got 0")
+    assert ada["kv_cache_bytes"]["message"].endswith("expected 2.62144e+06, got 0")  # the replay's verdict
     assert [c["passed"] for c in ada["attention_scores_bytes"]["checks"]] == [False, False]
+    assert "tampering" in reports["ada"]["errors"][0] and "zz_pass_all.py" in reports["ada"]["errors"][0]
     # graded after her, in the same run: the right answers pass, the untouched release does not
     assert all(e["passed"] for e in reports["ben"]["exercises"])
     assert [e["message"] for e in reports["dee"]["exercises"]] == [
