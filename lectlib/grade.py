@@ -320,6 +320,7 @@ def _forker(channel_fd: int) -> None:
         if pid == 0:
             channel.close()
             os.setsid()  # its own process group: the grader kills it and whatever it started
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the notebook may wait for processes of its own
             try:
                 _child(message.decode(), fds[0])
             finally:
@@ -552,9 +553,9 @@ class Grader:
                 wait = min(step_deadline, deadline) - time.monotonic()
                 ready = select.select([read_end], [], [], max(wait, 0))[0] if wait > 0 else []
                 if not ready:
-                    limit = "notebook's" if deadline <= step_deadline else "per-step"
-                    seconds = self.notebook_timeout if limit == "notebook's" else self.timeout
-                    return (*step, f"timed out: the {limit} limit of {seconds:g} s ran out")
+                    if deadline <= step_deadline:
+                        return (*step, f"timed out: the notebook's limit of {self.notebook_timeout:g} s ran out")
+                    return (*step, f"timed out: still running after {self.timeout:g} s, the limit per {step[0]}")
                 chunk = os.read(read_end, 65536)
                 if not chunk:
                     where = {"cell": f"cell {step[1]}", "exercise": f"exercise {step[1]}"}.get(step[0], "starting")
