@@ -478,7 +478,8 @@ class Grader:
         outcomes, failures = {}, {}
         if submission.exercise_cells:
             outcomes, failures = self._run(submission)
-        changed = [p for root, files in self.trees.items() for p in _restore(root, files, read_only=root == self.copy)]
+        changed = [p.replace(str(self.copy), "(the learners' copy)") for root, files in self.trees.items()
+                   for p in _restore(root, files, read_only=root == self.copy)]
         graded = report(submission, outcomes, failures, self.hidden_checks, time.monotonic() - start)
         if changed:
             graded["errors"].append(f"tampering: the submission changed the grader's files (now restored), so it "
@@ -704,7 +705,7 @@ def table(reports: list[dict]) -> str:
     for r in reports:
         points = {e["name"]: f"{e['points']:g}/{e['max_points']:g}" for e in r["exercises"]}
         notes = r["errors"] + [f"{e['name']}: {e['message']}" for e in r["exercises"] if not e["passed"]]
-        notes = "; ".join(n.replace("|", "/")[:120] for n in notes)
+        notes = "; ".join(n.replace("|", "/") if len(n) <= 160 else n[:159].replace("|", "/") + "…" for n in notes)
         lines.append(f"| {r['student']} | " + " | ".join(points.get(n, "") for n in names) +
                      f" | {r['total']:g}/{r['max_total']:g} | {notes} |")
     return "\n".join(lines)
