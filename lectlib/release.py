@@ -1,14 +1,14 @@
-"""Assignments: the student release of the chapters and the collection of a learner's answers.
+"""Assignments: the student release of the chapters.
 
-Exercise cells carry the tag "exercise" and hold the solution between `### BEGIN SOLUTION` and
-`### END SOLUTION`. The student release replaces each such block with a `raise
-NotImplementedError`, clears every output, and keeps everything else:
+Exercise cells carry the tag "exercise", hold the solution between `### BEGIN SOLUTION` and
+`### END SOLUTION`, and end with `check("name", function)`. The student release replaces each
+solution block with a `raise NotImplementedError`, clears every output, records the chapter in
+the notebook's metadata (`lectlib.chapter`, which the grader reads), and keeps everything else:
 
-    python -m lectlib.release release/          # student notebooks, one per chapter
+    python -m lectlib.release release/          # student notebooks, one per chapter, and nothing else
 
-A learner's notebook is graded by executing its exercise cells with `check` recording the
-functions instead of printing (`submitted_functions`); `tests/test_exercises.py` then runs the
-same checks as the notebook (`LECTLIB_SUBMISSION=path/to/notebook.ipynb pytest tests/test_exercises.py`).
+Learners' notebooks are graded by `python -m lectlib.grade` (isolated processes, see there).
+`submitted_functions` executes exercise cells in this process: only for the book's own notebooks.
 """
 
 import re
@@ -19,6 +19,7 @@ import nbformat
 
 ROOT = Path(__file__).resolve().parents[1]
 SOLUTION = re.compile(r"^([ \t]*)### BEGIN SOLUTION\n.*?^[ \t]*### END SOLUTION[ \t]*$", re.S | re.M)
+CHECK_CALL = re.compile(r"""\bcheck\(\s*["'](\w+)["']""")
 
 
 def strip_solutions(source: str) -> str:
@@ -31,9 +32,16 @@ def exercise_cells(notebook) -> list:
     return [c for c in notebook.cells if c.cell_type == "code" and "exercise" in c.metadata.get("tags", [])]
 
 
-def student_notebook(notebook):
-    """A copy of `notebook` with solutions cut out of exercise cells and all outputs cleared."""
+def exercise_names(notebook) -> list[str]:
+    """The exercises a notebook checks, in order: the names in the check("name", ...) calls of its exercise cells."""
+    return list(dict.fromkeys(name for cell in exercise_cells(notebook) for name in CHECK_CALL.findall(cell.source)))
+
+
+def student_notebook(notebook, chapter: str | None = None):
+    """A copy of `notebook` with solutions cut out of exercise cells, all outputs cleared, and `chapter` in its metadata."""
     notebook = nbformat.from_dict(notebook)
+    if chapter is not None:
+        notebook.metadata["lectlib"] = {"chapter": chapter}
     for cell in notebook.cells:
         if cell.cell_type == "code":
             cell.outputs, cell.execution_count = [], None
@@ -53,14 +61,15 @@ def release(out: Path) -> list[Path]:
     for path in chapters():
         target = Path(out) / path.relative_to(ROOT)
         target.parent.mkdir(parents=True, exist_ok=True)
-        nbformat.write(student_notebook(nbformat.read(path, as_version=4)), target)
+        nbformat.write(student_notebook(nbformat.read(path, as_version=4), chapter=path.stem), target)
         written.append(target)
     return written
 
 
 def submitted_functions(path: Path) -> dict:
-    """{exercise name: the learner's function} from the exercise cells of a notebook.
+    """{exercise name: the function} from the exercise cells of one of the book's notebooks, run here.
 
+    Not for learners' notebooks: their code would run inside this process (`lectlib.grade` isolates it).
     Each cell runs in its own namespace with `check` replaced by a recorder, so a cell that
     raises (an unsolved exercise) records nothing and the others still count.
     """

@@ -1,40 +1,39 @@
-"""The autograder: every exercise's checks, on lectlib's reference solution or on a learner's notebook.
+"""Every exercise's checks, on lectlib's reference solutions: what validates a chapter's new exercises.
 
-    python -m pytest tests/test_exercises.py                                   # the references pass
-    LECTLIB_SUBMISSION=my_chapter.ipynb python -m pytest tests/test_exercises.py  # grade a learner
+    python -m pytest tests/test_exercises.py
 
-With a submission, each exercise of that notebook is one test: passed, or failed with the same
-message the notebook printed; exercises of other chapters are skipped.
+Learners' notebooks are graded by `python -m lectlib.grade` (tests/test_grade.py), which replays
+each check on the values the learner's function returned in another process: a check must
+therefore give the same verdict when replayed (`test_the_check_replays`).
 """
-
-import os
-from pathlib import Path
 
 import nbformat
 import pytest
 
-from lectlib import grading, release
+from lectlib import grade, grading, release
 
 EXERCISES = sorted(grading.exercises())
-SUBMISSION = os.environ.get("LECTLIB_SUBMISSION")
-
-
-@pytest.fixture(scope="module")
-def submitted():
-    return release.submitted_functions(Path(SUBMISSION)) if SUBMISSION else None
 
 
 @pytest.mark.parametrize("name", EXERCISES)
-def test_exercise(name, submitted):
-    if submitted is None:
-        grading.run_check(name, grading.get(name).reference)
-        return
-    if name not in submitted:
-        in_notebook = any(f'"{name}"' in c.source for c in release.exercise_cells(nbformat.read(SUBMISSION, as_version=4)))
-        if not in_notebook:
-            pytest.skip(f"{name} is not an exercise of {SUBMISSION}")
-        pytest.fail(f"{name}: the exercise cell did not run to its check")
-    grading.run_check(name, submitted[name])
+def test_exercise(name):
+    grading.run_check(name, grading.get(name).reference)
+
+
+@pytest.mark.parametrize("name", EXERCISES)
+def test_the_check_replays(name):
+    """The grader's path: record the reference's calls as data, rerun the check on them; it passes,
+    and it fails on the record of a function that returns nonsense."""
+    reference = grading.get(name).reference
+    recorded = grade.record_checks(name, reference, {})
+    assert recorded["public"]["stopped"] is None, recorded["public"]["stopped"]
+    assert recorded["public"]["calls"], "the check never calls the candidate"
+    [result] = grade.replay_checks(name, recorded, {})
+    assert result["passed"], result["message"]
+    for call in recorded["public"]["calls"]:
+        call["returned"] = None
+    [result] = grade.replay_checks(name, recorded, {})
+    assert not result["passed"]
 
 
 @pytest.mark.parametrize("name", EXERCISES)
@@ -55,6 +54,7 @@ def test_every_chapter_exercise_is_registered_and_its_solution_passes():
             grading.run_check(name, function)
         cells = release.exercise_cells(nbformat.read(path, as_version=4))
         assert len(found) == len(cells), f"{path.name}: an exercise cell did not reach its check"
+        assert list(found) == release.exercise_names(nbformat.read(path, as_version=4))
 
 
 def test_the_student_release_fails_the_checks(tmp_path):

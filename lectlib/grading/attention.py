@@ -57,35 +57,45 @@ def _(candidate):
     expect_close(merged[2], torch.zeros(4), "two empty parts: the output stays 0, not nan")
 
 
-@exercise("flash_block_step", reference=lambda *args: _flash().block_step(*args))
-def _(candidate):
+def _kernel_with_step(step):
+    """The kernel with `step` as its inner loop, as a function (q, k, v, causal) -> O (B, H, N, D) on the CPU.
+
+    The learner's step returns Triton tensors, which the grader cannot record; the kernel's output is data.
+    """
     flash = _flash()
     ok, why = flash.kernel_available(torch.device("cpu"))
     device = torch.device("cpu")
-    step = candidate
     if not ok:
         if not (torch.cuda.is_available() and flash.kernel_available(torch.device("cuda"))[0]):
             raise ExerciseFailure(f"this check runs the kernel, which cannot run here: {why}")
         import triton
 
-        device, step = torch.device("cuda"), triton.jit(candidate)
-    g = torch.Generator().manual_seed(5)
-    cases = [("40 queries x 40 keys", 40, 40, 1.0, False),
-             ("causal, 25 queries x 10 keys: the first 15 queries see no key", 25, 10, 1.0, True),
-             ("scores of order 1e4", 20, 33, 100.0, False)]
-    for what, n_q, n_k, spread, causal in cases:
-        q = (torch.randn(1, 1, n_q, 16, generator=g) * spread).to(device)
-        k = (torch.randn(1, 1, n_k, 16, generator=g) * spread).to(device)
-        v = torch.randn(1, 1, n_k, 16, generator=g).to(device)
+        device, step = torch.device("cuda"), triton.jit(step)
+
+    def output(q, k, v, causal):
         try:
-            out, _ = flash.forward(q, k, v, causal=causal, step=step)
+            return flash.forward(q.to(device), k.to(device), v.to(device), causal=causal, step=step)[0].cpu()
         except Exception as error:
             # The interpreter wraps what the step raised; unwrap an unsolved exercise.
             cause = error
             while cause is not None and not isinstance(cause, NotImplementedError):
                 cause = cause.__cause__ or cause.__context__
             raise cause or error
-        expect_close(out.cpu(), attention.naive_attention(q, k, v, causal=causal).cpu(),
+
+    return output
+
+
+@exercise("flash_block_step", reference=lambda *args: _flash().block_step(*args), observe=_kernel_with_step)
+def _(kernel):
+    g = torch.Generator().manual_seed(5)
+    cases = [("40 queries x 40 keys", 40, 40, 1.0, False),
+             ("causal, 25 queries x 10 keys: the first 15 queries see no key", 25, 10, 1.0, True),
+             ("scores of order 1e4", 20, 33, 100.0, False)]
+    for what, n_q, n_k, spread, causal in cases:
+        q = torch.randn(1, 1, n_q, 16, generator=g) * spread
+        k = torch.randn(1, 1, n_k, 16, generator=g) * spread
+        v = torch.randn(1, 1, n_k, 16, generator=g)
+        expect_close(kernel(q, k, v, causal), attention.naive_attention(q, k, v, causal=causal),
                      f"{what}: the kernel's output with your inner loop", rtol=1e-4, atol=1e-5)
 
 
