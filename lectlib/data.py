@@ -43,7 +43,7 @@ def tokens(tokenizer) -> torch.Tensor:
     if key not in _TOKENS:
         path = cache_dir() / f"kjv-tokens-{key}.pt"
         if path.exists():
-            _TOKENS[key] = torch.load(path)
+            _TOKENS[key] = torch.load(path, weights_only=True)  # tensors only: a planted file cannot run code
         else:
             ids = torch.tensor(tokenizer.encode(text()), dtype=torch.int64)
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -58,3 +58,29 @@ def window(tokenizer, n: int, start: int = 0) -> torch.Tensor:
     if n <= 0 or start < 0 or start + n > len(stream):
         raise ValueError(f"window [start={start}, start+n={start + n}) must lie inside the {len(stream)} tokens of the text")
     return stream[start:start + n][None]
+
+
+# Genesis 1 is among the most quoted texts in English: SmolLM2 predicts it from memory (perplexity
+# about 3 on its first 1,024 tokens against 8-9 for Leviticus or Jeremiah). Experiments about
+# reading long text run on Jeremiah, a long prophetic book (about 56k tokens) quoted far less.
+UNSEEN_SPAN = "Jeremiah 1"
+
+
+def heading_start(tokenizer, heading: str) -> int:
+    """Token index in `tokens(tokenizer)` where the line `heading` ("Jeremiah 1", "Genesis 1") begins."""
+    full = text()
+    at = 0 if full.startswith(heading + "\n") else full.find("\n" + heading + "\n") + 1
+    if at == 0 and not full.startswith(heading + "\n"):
+        raise ValueError(f"heading {heading!r} is not a line of the text (expected e.g. 'Jeremiah 1')")
+    key = (_tokenizer_key(tokenizer), heading)
+    if key not in _STARTS:
+        _STARTS[key] = len(tokenizer.encode(full[:at], add_special_tokens=False))
+    return _STARTS[key]
+
+
+_STARTS: dict[tuple[str, str], int] = {}
+
+
+def unseen_span(tokenizer, n: int, heading: str = UNSEEN_SPAN) -> torch.Tensor:
+    """(1, n) token ids from the start of `heading` on: text the model has not memorised (see UNSEEN_SPAN)."""
+    return window(tokenizer, n, start=heading_start(tokenizer, heading))

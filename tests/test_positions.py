@@ -174,9 +174,14 @@ def test_exercise_checks_catch_plausible_mistakes():
     _fails("rope_ntk_base", lambda d, b, s: b * s ** ((d - 2) / d))
 
 
-# ---- the length experiments (lectlib.lengths) ----------------------------------------------------
+# ---- the tiny KJV Llama (lectlib.tiny) and the length experiments (lectlib.lengths) ---------------
 
-from lectlib import lengths  # noqa: E402
+import builtins  # noqa: E402
+import pickle  # noqa: E402
+
+import torch.nn.functional as F  # noqa: E402
+
+from lectlib import lengths, tiny  # noqa: E402
 
 
 def test_pose_positions_and_compact_vocab():
@@ -184,36 +189,88 @@ def test_pose_positions_and_compact_vocab():
     with pytest.raises(ValueError, match="jump_at"):
         lengths.pose_positions(6, 6, 1)
     stream = torch.tensor([5, 5, 5, 9, 9, 2, 7, 7, 7, 7])
-    vocab = lengths.compact_vocab(stream, size=3)
-    assert vocab.tolist() == [7, 5] and lengths.encode(stream, vocab).tolist() == [1, 1, 1, 2, 2, 2, 0, 0, 0, 0]
+    vocab = tiny.compact_vocab(stream, size=3)
+    assert vocab.tolist() == [7, 5] and tiny.encode(stream, vocab).tolist() == [1, 1, 1, 2, 2, 2, 0, 0, 0, 0]
 
 
 def test_sink_token_batches_shift_the_sample_right_by_one():
     stream = torch.arange(100)
-    inputs, targets = lengths.batches(stream, 8, 3, seed=5)(7)
-    sink_inputs, sink_targets = lengths.with_sink_token(lengths.batches(stream, 8, 3, seed=5))(7)
+    inputs, targets = tiny.batches(stream, 8, 3, seed=5)(7)
+    sink_inputs, sink_targets = tiny.with_sink_token(tiny.batches(stream, 8, 3, seed=5))(7)
     assert sink_inputs.shape == inputs.shape and torch.equal(sink_targets, inputs)
-    assert (sink_inputs[:, 0] == lengths.SINK_TOKEN).all() and torch.equal(sink_inputs[:, 1:], inputs[:, :-1])
+    assert (sink_inputs[:, 0] == tiny.SINK_TOKEN).all() and torch.equal(sink_inputs[:, 1:], inputs[:, :-1])
 
 
 def test_sink_token_checkpoint_has_the_extra_token_and_learned(tmp_path):
-    model, vocab, losses = lengths.load_tiny(lengths.SINK_CHECKPOINT)
-    assert model.config.vocab_size == lengths.VOCAB + 1 == lengths.SINK_TOKEN + 1 and len(vocab) == lengths.VOCAB - 1
+    model, vocab, losses = tiny.load_tiny(tiny.SINK_CHECKPOINT)
+    assert model.config.vocab_size == tiny.VOCAB + 1 == tiny.SINK_TOKEN + 1 and len(vocab) == tiny.VOCAB - 1
     assert sum(losses[-50:]) / 50 < 0.5 * sum(losses[:50]) / 50
-    with pytest.raises(FileNotFoundError, match="--sink-token"):
-        lengths.load_tiny(tmp_path / lengths.SINK_CHECKPOINT.name)
+    with pytest.raises(FileNotFoundError, match="lectlib.tiny train --sink-token"):
+        tiny.load_tiny(tmp_path / tiny.SINK_CHECKPOINT.name)
+
+
+class _Planted:
+    """A pickle that runs code when unpickled: what a tampered checkpoint could hold."""
+
+    def __reduce__(self):
+        return exec, ("import builtins; builtins._lectlib_planted = True",)
+
+
+def test_checkpoints_load_without_running_pickled_code(tmp_path):
+    path = tmp_path / "planted.pt"
+    torch.save({"state": {}, "payload": _Planted()}, path)
+    with pytest.raises(pickle.UnpicklingError):
+        tiny.load_tiny(path)
+    assert not hasattr(builtins, "_lectlib_planted")
+    model, _, _ = tiny.load_tiny()  # the shipped checkpoints hold tensors and numbers only
+    assert model.config.max_positions == tiny.TRAIN_LEN
+
+
+def test_set_scaling_rejects_bad_settings_and_scaled_rope_restores():
+    model = Llama(tiny.tiny_config(n_layers=1))
+    for kwargs, word in ((dict(method="yarn", factor=4, original=0), "original"),
+                         (dict(method="dynamic", factor=4, original=-5), "original"),
+                         (dict(method="linear", factor=0.5), "factor"),
+                         (dict(method="linear", factor=float("nan")), "factor"),
+                         (dict(method="rope", factor=2), "rope_type")):
+        with pytest.raises(ValueError, match=word):
+            lengths.set_scaling(model, **kwargs)
+    assert model.config.rope_scaling is None
+    lengths.set_scaling(model, "yarn", 4)  # original defaults to the model's trained length
+    assert model.config.rope_scaling["original_max_position_embeddings"] == tiny.TRAIN_LEN
+    model.config.rope_scaling = None
+    with pytest.raises(RuntimeError):
+        with lengths.scaled_rope(model, "ntk", 2.0) as scaled:
+            assert scaled.config.rope_scaling["rope_type"] == "ntk"
+            raise RuntimeError("the block fails")
+    assert model.config.rope_scaling is None
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    model, vocab, losses = lengths.load_tiny()
-    stream, _ = lengths.kjv_stream(vocab)
-    return model, lengths.split(stream)[1], losses
+def tiny_model():
+    model, vocab, losses = tiny.load_tiny()
+    stream, _ = tiny.kjv_stream(vocab)
+    return model, tiny.split(stream)[1], losses
 
 
-def test_shifting_every_position_changes_nothing_for_plain_rope(tiny):
+def test_nll_by_position_equals_full_logits_and_buckets_average_bins(tiny_model):
+    model, held_out, _ = tiny_model
+    windows = lengths.eval_windows(held_out, 50, 3)
+    with torch.no_grad():
+        logits = model(windows[:, :-1])
+    oracle = F.cross_entropy(logits.transpose(1, 2), windows[:, 1:], reduction="none").mean(0)
+    torch.testing.assert_close(lengths.nll_by_position(model, windows, batch=2, head_chunk=7), oracle,
+                               rtol=1e-5, atol=1e-5)
+    nll = [1.0, 2.0, 3.0, 5.0, 8.0]
+    assert lengths.bucket_perplexity(nll, 16, 32) == pytest.approx([math.exp(1.5), math.exp(4.0), math.exp(8.0)])
+    assert lengths.binned_perplexity(torch.tensor(nll), 2) == pytest.approx([math.exp(1.5), math.exp(4.0), math.exp(8.0)])
+    with pytest.raises(ValueError, match="multiple"):
+        lengths.bucket_perplexity(nll, 16, 40)
+
+
+def test_shifting_every_position_changes_nothing_for_plain_rope(tiny_model):
     """Why skipped positions work: RoPE sees only differences, so one common offset is invisible."""
-    model, held_out, _ = tiny
+    model, held_out, _ = tiny_model
     ids = held_out[None, :64]
     with torch.no_grad():
         base = model(ids)
@@ -223,19 +280,52 @@ def test_shifting_every_position_changes_nothing_for_plain_rope(tiny):
     assert torch.allclose(base[:, :32], skipped[:, :32], atol=1e-5) and not torch.allclose(base, skipped, atol=0.5)
 
 
-def test_chapter_claims_on_the_tiny_model(tiny):
+def test_chapter_claims_on_the_tiny_model(tiny_model):
     """The shipped checkpoint learned, plain RoPE degrades past 128 tokens, dynamic NTK is plain RoPE inside it."""
-    model, held_out, losses = tiny
+    model, held_out, losses = tiny_model
     assert sum(losses[-50:]) / 50 < 0.5 * sum(losses[:50]) / 50
-    windows = lengths.eval_windows(held_out, 4 * lengths.TRAIN_LEN, 8)
-    ppl = lengths.sweep_tiny(model, windows, factor=4.0, bin_size=lengths.TRAIN_LEN)
+    windows = lengths.eval_windows(held_out, 4 * tiny.TRAIN_LEN, 8)
+    sweep = dict(factor=4.0, original=tiny.TRAIN_LEN, bin_size=tiny.TRAIN_LEN)
+    ppl = lengths.perplexity_by_position(model, windows, **sweep)
     assert ppl["default"][0] < 80 and ppl["default"][-1] > 1.3 * ppl["default"][0]
     assert min(ppl["ntk"][-1], ppl["dynamic"][-1], ppl["yarn"][-1]) < ppl["default"][-1]
     assert ppl["linear"][0] > 1.1 * ppl["default"][0]  # PI changes even the short context
-    short = lengths.sweep_tiny(model, windows[:, :lengths.TRAIN_LEN + 1], factor=4.0, bin_size=lengths.TRAIN_LEN)
+    short = lengths.perplexity_by_position(model, windows[:, :tiny.TRAIN_LEN + 1], **sweep)
     assert short["dynamic"] == short["default"]  # an input no longer than L: dynamic NTK is plain RoPE
     assert ppl["dynamic"][0] != ppl["default"][0]  # in a 4L window, it rescales every position
     assert model.config.rope_scaling is None  # the sweep restores the model
+
+
+class _ScriptedLM(torch.nn.Module):
+    """Logits that put 5 nats on a scripted next token after each place: a hand-made oracle."""
+
+    def __init__(self, script: dict[int, int], vocab: int = 10):
+        super().__init__()
+        self.script, self.vocab = script, vocab
+
+    def forward(self, ids, positions=None):
+        logits = torch.zeros(1, ids.shape[1], self.vocab)
+        for place in range(ids.shape[1]):
+            logits[0, place, self.script.get(place, 0)] = 5.0
+        return logits
+
+
+def test_forced_key_score_scores_the_key_not_the_free_answer():
+    prompt = torch.tensor([[1, 2, 3]])
+    # After the prompt the model would write word 9 ("the"); after the forced space 4 it writes the key 5, 6.
+    model = _ScriptedLM({2: 9, 3: 5, 4: 6})
+    logprob, hit = lengths.forced_key_score(model, prompt, [4], [5, 6])
+    assert hit and logprob == pytest.approx(2 * (5 - math.log(math.exp(5) + 9)))
+    logprob, hit = lengths.forced_key_score(_ScriptedLM({2: 9, 3: 5, 4: 7}), prompt, [4], [5, 6])
+    assert not hit and logprob == pytest.approx((5 - math.log(math.exp(5) + 9)) + (0 - math.log(math.exp(5) + 9)))
+    with pytest.raises(ValueError, match="key"):
+        lengths.forced_key_score(model, prompt, [4], [])
+
+
+def test_split_answer_forces_smollm2s_lone_space_token():
+    tokenizer = tiny.tokenizer()
+    prefix, key = lengths.split_answer(tokenizer, "68301")
+    assert tokenizer.decode(prefix) == " " and tokenizer.decode(key) == "68301" and len(key) == 5
 
 
 def test_smollm2_with_skipped_positions_breaks_with_plain_rope_only(smollm):
@@ -248,10 +338,3 @@ def test_smollm2_with_skipped_positions_breaks_with_plain_rope_only(smollm):
     assert ppl["default"][1] > 4 * ppl["default"][0]
     for method in ("ntk", "dynamic", "yarn"):
         assert ppl[method][1] < 1.6 * ppl[method][0] and ppl[method][1] < ppl["default"][1] / 3
-
-
-def test_passkey_with_skipped_positions_is_found_near_and_lost_far_with_plain_rope(smollm):
-    model, tokenizer = smollm
-    acc = lengths.pose_passkey(model, tokenizer, length=128, offsets=[0, 24576], original=8192, factor=4.0,
-                               methods=("default",), trials=1)
-    assert acc == {"default": [1.0, 0.0]} and model.config.rope_scaling is None
