@@ -12,7 +12,7 @@ Conventions shared by every function here (and by `lectlib.flash`):
 - the online-softmax state is (m, l, o): running max of the scores, denominator
   l = Σ exp(s - m), and output o; `online_softmax_step`, `merge_attention_blocks` and the
   kernel's `flash.block_step` take and return it in that order;
-- a row whose keys are all masked returns zeros;
+- a row whose keys are all masked (or all score -inf) returns zeros: no key has any weight;
 - non-finite inputs are never turned into numbers: as in torch SDPA, a row whose scores hold a
   NaN (a NaN or inf in its query or in a key it sees) or a +inf, or that reads a non-finite
   value, is NaN. A non-finite value vector may also spoil rows that do not see it (0·NaN is
@@ -110,7 +110,7 @@ def attention_probs(q, k, *, causal: bool = False, scale: float | None = None) -
 
     q is (B, H, N_q, D) and k (B, H_kv, N_k, D) (GQA heads are repeated). Scores and softmax are
     computed in fp32 whatever the input dtype, so fp16 scores past 65504 do not overflow. A row
-    whose keys are all masked returns zeros; a row with a NaN score stays NaN.
+    whose keys are all masked (all scores -inf) returns zeros; a row with a NaN score stays NaN.
     """
     q, k, _, scale = _prepare(q, k, None, scale)
     s = (q @ k.transpose(-1, -2)) * scale  # (B, H, N_q, N_k)

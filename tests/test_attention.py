@@ -11,14 +11,28 @@ from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lectlib import profiling
-from lectlib.attention import (blockwise_attention, merge_attention_blocks, naive_attention, online_softmax_attention,
-                               online_softmax_step)
+from lectlib import flash
+from lectlib.attention import (attention_probs, blockwise_attention, causal_mask, merge_attention_blocks, naive_attention,
+                               online_softmax_attention, online_softmax_step, sdpa_attention)
 
 VARIANTS = {
     "naive": naive_attention,
     "online": online_softmax_attention,
     "blockwise": lambda q, k, v, **kw: blockwise_attention(q, k, v, block_size=3, **kw),
 }
+
+
+def flash_fallback(q, k, v, **kw):
+    """flash_attention where the kernel cannot run (a T4, say): it computes blockwise attention."""
+    available, said = flash.kernel_available, flash._fallback_said
+    flash.kernel_available, flash._fallback_said = (lambda device: (False, "no kernel in this test")), True
+    try:
+        return flash.flash_attention(q, k, v, **kw)
+    finally:
+        flash.kernel_available, flash._fallback_said = available, said
+
+
+EVERY_VARIANT = {**VARIANTS, "sdpa wrapper": sdpa_attention, "flash fallback": flash_fallback}
 
 
 def sdpa_oracle(q, k, v, *, causal, scale):
@@ -41,6 +55,101 @@ def qkv(draw, max_n=20):
     q = torch.randn(b, h_kv * rep, n_q, d, generator=g, dtype=torch.float64)
     k, v = (torch.randn(b, h_kv, n_k, d, generator=g, dtype=torch.float64) for _ in range(2))
     return q, k, v
+
+
+@st.composite
+def bad_qkv(draw, nonfinite=True):
+    """(q, k, v, causal, scale, where): GQA, decode-length queries (N_q = 1), rows that see no key
+    (causal, N_q > N_k), fp16 with scores past its 65504 limit, and a NaN or inf put `where`."""
+    b, h_kv, rep = draw(st.integers(1, 2)), draw(st.integers(1, 2)), draw(st.integers(1, 3))
+    n_q = draw(st.one_of(st.just(1), st.integers(1, 12)))
+    n_k, d = draw(st.integers(1, 12)), draw(st.integers(1, 8))
+    dtype = draw(st.sampled_from([torch.float64, torch.float32, torch.float16]))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    if dtype == torch.float16:
+        # Multiples of 32 up to 256 are exact in fp16 and their products exact in fp32: scores up to
+        # 8·256² = 524288 that overflow fp16 and are computed exactly in fp32 (scale 1).
+        q = torch.randint(-8, 9, (b, h_kv * rep, n_q, d), generator=g) * 32.0
+        k = torch.randint(-8, 9, (b, h_kv, n_k, d), generator=g) * 32.0
+        scale = 1.0
+    else:
+        q, k = torch.randn(b, h_kv * rep, n_q, d, generator=g), torch.randn(b, h_kv, n_k, d, generator=g)
+        scale = draw(st.one_of(st.none(), st.floats(0.05, 4.0)))
+    v = torch.randn(b, h_kv, n_k, d, generator=g)
+    where = draw(st.sampled_from(["nowhere", "q nan", "k nan", "k inf", "v nan", "v inf"] if nonfinite else ["nowhere"]))
+    if where != "nowhere":
+        t = {"q": q, "k": k, "v": v}[where[0]]
+        t[draw(st.integers(0, b - 1)), draw(st.integers(0, t.shape[1] - 1)), draw(st.integers(0, t.shape[2] - 1))] = \
+            float(where[2:])
+    return q.to(dtype), k.to(dtype), v.to(dtype), draw(st.booleans()), scale, where
+
+
+def softmax_row_by_row(q, k, v, *, causal, scale):
+    """The oracle: softmax(q_i·Kᵀ·scale)·V in fp64 for each query row over only the keys it sees (no mask,
+    so a bad key cannot reach a row that does not see it); 0 for a row that sees no key or whose
+    scores are all -inf."""
+    rep, n_q, n_k = q.shape[1] // k.shape[1], q.shape[2], k.shape[2]
+    q, k, v = q.double(), k.double().repeat_interleave(rep, 1), v.double().repeat_interleave(rep, 1)
+    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
+    out = torch.zeros_like(q)
+    for i in range(n_q):
+        seen = slice(0, max(0, min(n_k, i + 1 + n_k - n_q)) if causal else n_k)
+        if seen.stop > 0:
+            s = q[:, :, i:i + 1] @ k[:, :, seen].transpose(-1, -2) * scale
+            p = torch.softmax(s, -1).masked_fill(torch.isneginf(s).all(-1, keepdim=True), 0.0)  # no key weighs
+            out[:, :, i:i + 1] = p @ v[:, :, seen]
+    return out
+
+
+@pytest.mark.parametrize("name", EVERY_VARIANT)
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_every_variant_follows_the_formula_on_nan_inf_fp16_gqa_and_decode(name, data):
+    """The documented behaviour (lectlib.attention's docstring) against the softmax formula in fp64, row
+    by row: outputs equal where finite, in the input dtype; rows that see no key are 0; a NaN or
+    inf in q or k makes NaN exactly the rows that read it; a bad value vector at least those
+    (0·NaN in P·V may spoil others). The SDPA wrapper is torch's kernel, which may turn a NaN
+    query into a finite row: it is held to finite inputs."""
+    q, k, v, causal, scale, where = data.draw(bad_qkv(nonfinite=name != "sdpa wrapper"))
+    out = EVERY_VARIANT[name](q, k, v, causal=causal, scale=scale)
+    expected = softmax_row_by_row(q, k, v, causal=causal, scale=scale)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    nan_rows, expected_nan_rows = out.isnan().any(-1), expected.isnan().any(-1)
+    if where.startswith("v"):
+        assert (nan_rows >= expected_nan_rows).all()
+    else:
+        assert torch.equal(nan_rows, expected_nan_rows)
+    keep = ~nan_rows[..., None].expand_as(out)
+    tol = 2e-3 if q.dtype == torch.float16 else 1e-5
+    torch.testing.assert_close(out[keep].double(), expected[keep], rtol=tol, atol=tol)
+
+
+def test_fp16_scores_past_65504_are_exact():
+    """The issue's case: fp16 scores of order 1e5 made 15 of 16 rows of naive attention 0 and blockwise NaN."""
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randint(-8, 9, (1, 1, 16, 8), generator=g) * 32.0 for _ in range(2))
+    v = torch.randn(1, 1, 16, 8, generator=g)
+    assert (q @ k.transpose(-1, -2)).abs().max() > 65504
+    expected = torch.softmax(q.double() @ k.double().transpose(-1, -2), -1) @ v.double()
+    for name, fn in EVERY_VARIANT.items():
+        out = fn(q.half(), k.half(), v.half(), scale=1.0)
+        torch.testing.assert_close(out.double(), expected, rtol=1e-3, atol=1e-3, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_probabilities_are_fp32_at_least_and_outputs_keep_the_input_dtype(dtype):
+    q, k, v = (torch.randn(1, 2, 5, 4, dtype=dtype) for _ in range(3))
+    assert attention_probs(q, k).dtype == torch.promote_types(dtype, torch.float32)
+    for name, fn in EVERY_VARIANT.items():
+        assert fn(q, k, v, causal=True).dtype == dtype, name
+    _, lse = blockwise_attention(q, k, v, return_lse=True)
+    assert lse.dtype == torch.promote_types(dtype, torch.float32)
+
+
+@pytest.mark.parametrize("n_q,n_k,start,end", [(5, 9, 0, 9), (5, 9, 3, 7), (9, 5, 2, 5), (4, 4, 4, 4), (0, 3, 0, 3)])
+def test_causal_mask_columns_are_the_full_masks_columns(n_q, n_k, start, end):
+    full = torch.arange(n_k)[None, :] <= torch.arange(n_q)[:, None] + (n_k - n_q)
+    assert torch.equal(causal_mask(n_q, n_k, start=start, end=end), full[:, start:end])
 
 
 @pytest.mark.parametrize("name", VARIANTS)
