@@ -115,7 +115,7 @@ class KVCache:
             self.seen = int(new_pos[-1]) + 1
         if self.position_mode == "text":
             return k, v, positions, new_pos
-        places = torch.arange(k.shape[2], device=k.device)
+        places = torch.arange(positions.shape[-1], device=k.device)
         return k, v, places, places[-n_new:]
 
     def attention(self, layer: int, q, k, v, *, causal: bool, scale: float, attn_fn=sdpa_attention):
