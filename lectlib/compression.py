@@ -178,9 +178,9 @@ def retrieval_prompts(tokenizer, *, length: int, count: int, seed: int = 0):
 
 SETTINGS = {
     "ci": {"context": 256, "continuation": 32, "count": 1, "budgets": [0.1, 0.3], "length": 256},
-    "book": {"context": 2048, "continuation": 64, "count": 6, "budgets": [0.05, 0.1, 0.2, 0.35, 0.5], "length": 2048},
+    "book": {"context": 512, "continuation": 64, "count": 2, "budgets": [0.05, 0.2, 0.5], "length": 512},
+    "gpu": {"context": 4096, "continuation": 64, "count": 8, "budgets": [0.05, 0.1, 0.2, 0.35, 0.5], "length": 4096},
 }
-SETTINGS["gpu"] = {**SETTINGS["book"], "context": 4096, "length": 4096, "count": 8}
 METHODS = BUDGET_METHODS + ("KIVI-2", "KIVI-4", "KIVI-2-r0", "KIVI-4-r0")
 
 
