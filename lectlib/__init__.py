@@ -10,6 +10,8 @@ Modules, by concern:
     models     loaders: SmolLM2 offline, any Hugging Face causal LM
     evals      perplexity and long-context retrieval tasks
     memory     KV-cache and model-memory calculators with real presets
+    sparse     sparse attention patterns (strided, fixed, sliding, dilated) and MoBA block routing
+    ring       ring attention over torch.distributed, its layouts and communication calculator
     viz        figures: plotly for the website, ipywidgets in a notebook
     grading    exercise checks shared by notebooks and pytest
 """
