@@ -4,6 +4,7 @@ tests/submissions/make.py writes the notebooks: all answer chapter 0 (two exerci
 1 public + 1 hidden point each, hidden checks in tests/submissions/hidden/).
 """
 
+import ast
 import csv
 import json
 import shutil
@@ -122,7 +123,11 @@ def test_the_release_has_no_solution_and_nothing_hidden(tmp_path):
             block = release.SOLUTION.search(cell.source).group(0).splitlines()[1:-1]
             solutions += [line.strip() for line in block if len(line.strip()) > 25]
     assert solutions and not [s for s in solutions if json.dumps(s)[1:-1] in released]
-    assert "BEGIN SOLUTION" not in released and "hidden_check" not in released and "hidden:" not in released
+    assert "BEGIN SOLUTION" not in released
+    hidden = [node.value for path in HIDDEN.glob("*.py") for node in ast.walk(ast.parse(path.read_text()))
+              if isinstance(node, ast.Constant) and isinstance(node.value, str) and len(node.value) > 15
+              and node.value not in grading.exercises()]  # the messages, not the exercises' names
+    assert hidden and not [text for text in hidden if text in released] and "hidden_check" not in released
     for path in written:
         notebook = nbformat.read(path, as_version=4)
         assert notebook.metadata["lectlib"]["chapter"] == path.stem  # how the grader knows the chapter
