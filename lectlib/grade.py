@@ -759,6 +759,10 @@ def main(argv=None) -> int:
         args.gradescope.parent.mkdir(parents=True, exist_ok=True)
         args.gradescope.write_text(json.dumps(gradescope(reports[0]), indent=1))
     print(table(reports))
+    summary = class_summary(reports)
+    for name, e in summary["exercises"].items():
+        print(f"{name}: passed by {e['passed']} of {e['graded']}, mean {e['mean_points']:g} points")
+    print(f"mean total: {summary['mean_total']:g}")
     print(f"wrote {csv_path} and {json_path}")
     nothing_found = [r["student"] for r in reports if not r["exercises_found"]]
     if nothing_found:
