@@ -496,7 +496,7 @@ class Grader:
         scratch = Path(tempfile.mkdtemp(prefix="submission-", dir=self.workdir))
         (scratch / "results").mkdir()
         deadline = time.monotonic() + self.notebook_timeout
-        skipped, cell_errors, outcomes, failures = {}, {}, {}, {}
+        skipped, cell_errors, outcomes, failures = set(), {}, {}, {}
         try:
             while time.monotonic() < deadline:
                 todo = [n for n in names if n not in outcomes and n not in failures]
@@ -507,12 +507,12 @@ class Grader:
                 if step is None:
                     break
                 kind, key, why = step
-                if kind == "cell":
-                    skipped[key] = why
+                if kind == "cell":  # the next process runs the others without it
+                    skipped.add(key)
                     cell_errors[key] = why
                 elif kind == "exercise":
                     failures[key] = why
-                else:  # the process never got going: nothing after it can run
+                else:  # it stopped outside any cell or exercise (starting up): the rest cannot run either
                     failures.update({n: why for n in todo})
             for name in names:
                 if name not in outcomes and name not in failures:

@@ -23,9 +23,15 @@ TIMEOUT = 4.0  # seconds per cell and per exercise: the loop's cost
 
 
 @pytest.fixture(scope="module")
-def grader():
-    with grade.Grader(hidden=HIDDEN, timeout=TIMEOUT, notebook_timeout=300) as g:
-        yield g
+def grader(tmp_path_factory):
+    """One grader for the attacks, watching a copy of lectlib as the instructor's (the overwrite attack writes there)."""
+    library = tmp_path_factory.mktemp("instructor") / "lectlib"
+    shutil.copytree(grade.LIBRARY, library, ignore=shutil.ignore_patterns("__pycache__"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(grade, "LIBRARY", library)
+        patch.setenv("LECTLIB_TEST_GRADER_CHECKS", str(library / "grading"))
+        with grade.Grader(hidden=HIDDEN, timeout=TIMEOUT, notebook_timeout=300) as g:
+            yield g
 
 
 @pytest.fixture(scope="module")
@@ -91,15 +97,11 @@ def test_exits_and_interrupts_fail_only_what_they_stop(grader):
     assert report["attention_scores_bytes"]["points"] == 2  # a new process went on after the os._exit
 
 
-def test_a_module_written_into_the_graders_checks_is_undone_and_scores_zero(tmp_path, monkeypatch):
-    library = tmp_path / "lectlib"
-    shutil.copytree(grade.LIBRARY, library, ignore=shutil.ignore_patterns("__pycache__"))
-    monkeypatch.setattr(grade, "LIBRARY", library)
-    monkeypatch.setenv("LECTLIB_TEST_GRADER_CHECKS", str(library / "grading"))
-    with grade.Grader(timeout=TIMEOUT) as grader:
-        report = grader.grade(SUBMISSIONS / "attacks" / "overwrite.ipynb")
-    assert report["total"] == 0 and "tampering" in report["errors"][0]
-    assert not (library / "grading" / "zz_pass_all.py").exists()
+def test_a_module_written_into_the_graders_checks_is_undone_and_scores_zero(grader):
+    report = grader.grade(SUBMISSIONS / "attacks" / "overwrite.ipynb")
+    assert report["total"] == 0 and "tampering" in report["errors"][0] and "zz_pass_all.py" in report["errors"][0]
+    assert not (grade.LIBRARY / "grading" / "zz_pass_all.py").exists()
+    assert [c["passed"] for e in report["exercises"] for c in e["checks"]] == [True] * 4  # right, but tampered
 
 
 @pytest.mark.parametrize("name, why", [("notags", "not tagged 'exercise'"), ("nothing", "no exercise found")])
