@@ -496,7 +496,7 @@ class Grader:
         scratch = Path(tempfile.mkdtemp(prefix="submission-", dir=self.workdir))
         (scratch / "results").mkdir()
         deadline = time.monotonic() + self.notebook_timeout
-        skipped, cell_errors, outcomes, failures = {}, {}, {}, {}
+        skipped, cell_errors, outcomes, failures = set(), {}, {}, {}
         try:
             while time.monotonic() < deadline:
                 todo = [n for n in names if n not in outcomes and n not in failures]
@@ -507,12 +507,12 @@ class Grader:
                 if step is None:
                     break
                 kind, key, why = step
-                if kind == "cell":
-                    skipped[key] = why
+                if kind == "cell":  # the next process runs the others without it
+                    skipped.add(key)
                     cell_errors[key] = why
                 elif kind == "exercise":
                     failures[key] = why
-                else:  # the process never got going: nothing after it can run
+                else:  # it stopped outside any cell or exercise (starting up): the rest cannot run either
                     failures.update({n: why for n in todo})
             for name in names:
                 if name not in outcomes and name not in failures:
@@ -759,6 +759,10 @@ def main(argv=None) -> int:
         args.gradescope.parent.mkdir(parents=True, exist_ok=True)
         args.gradescope.write_text(json.dumps(gradescope(reports[0]), indent=1))
     print(table(reports))
+    summary = class_summary(reports)
+    for name, e in summary["exercises"].items():
+        print(f"{name}: passed by {e['passed']} of {e['graded']}, mean {e['mean_points']:g} points")
+    print(f"mean total: {summary['mean_total']:g}")
     print(f"wrote {csv_path} and {json_path}")
     nothing_found = [r["student"] for r in reports if not r["exercises_found"]]
     if nothing_found:

@@ -4,6 +4,7 @@ tests/submissions/make.py writes the notebooks: all answer chapter 0 (two exerci
 1 public + 1 hidden point each, hidden checks in tests/submissions/hidden/).
 """
 
+import ast
 import csv
 import json
 import shutil
@@ -18,13 +19,19 @@ from lectlib import grade, grading, release
 
 SUBMISSIONS = Path(__file__).parent / "submissions"
 HIDDEN = SUBMISSIONS / "hidden"
-TIMEOUT = 6.0  # seconds per cell and per exercise: the loop's cost
+TIMEOUT = 4.0  # seconds per cell and per exercise: the loop's cost
 
 
 @pytest.fixture(scope="module")
-def grader():
-    with grade.Grader(hidden=HIDDEN, timeout=TIMEOUT, notebook_timeout=300) as g:
-        yield g
+def grader(tmp_path_factory):
+    """One grader for the attacks, watching a copy of lectlib as the instructor's (the overwrite attack writes there)."""
+    library = tmp_path_factory.mktemp("instructor") / "lectlib"
+    shutil.copytree(grade.LIBRARY, library, ignore=shutil.ignore_patterns("__pycache__"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(grade, "LIBRARY", library)
+        patch.setenv("LECTLIB_TEST_GRADER_CHECKS", str(library / "grading"))
+        with grade.Grader(hidden=HIDDEN, timeout=TIMEOUT, notebook_timeout=300) as g:
+            yield g
 
 
 @pytest.fixture(scope="module")
@@ -90,15 +97,11 @@ def test_exits_and_interrupts_fail_only_what_they_stop(grader):
     assert report["attention_scores_bytes"]["points"] == 2  # a new process went on after the os._exit
 
 
-def test_a_module_written_into_the_graders_checks_is_undone_and_scores_zero(tmp_path, monkeypatch):
-    library = tmp_path / "lectlib"
-    shutil.copytree(grade.LIBRARY, library, ignore=shutil.ignore_patterns("__pycache__"))
-    monkeypatch.setattr(grade, "LIBRARY", library)
-    monkeypatch.setenv("LECTLIB_TEST_GRADER_CHECKS", str(library / "grading"))
-    with grade.Grader(timeout=TIMEOUT) as grader:
-        report = grader.grade(SUBMISSIONS / "attacks" / "overwrite.ipynb")
-    assert report["total"] == 0 and "tampering" in report["errors"][0]
-    assert not (library / "grading" / "zz_pass_all.py").exists()
+def test_a_module_written_into_the_graders_checks_is_undone_and_scores_zero(grader):
+    report = grader.grade(SUBMISSIONS / "attacks" / "overwrite.ipynb")
+    assert report["total"] == 0 and "tampering" in report["errors"][0] and "zz_pass_all.py" in report["errors"][0]
+    assert not (grade.LIBRARY / "grading" / "zz_pass_all.py").exists()
+    assert [c["passed"] for e in report["exercises"] for c in e["checks"]] == [True] * 4  # right, but tampered
 
 
 @pytest.mark.parametrize("name, why", [("notags", "not tagged 'exercise'"), ("nothing", "no exercise found")])
@@ -122,7 +125,11 @@ def test_the_release_has_no_solution_and_nothing_hidden(tmp_path):
             block = release.SOLUTION.search(cell.source).group(0).splitlines()[1:-1]
             solutions += [line.strip() for line in block if len(line.strip()) > 25]
     assert solutions and not [s for s in solutions if json.dumps(s)[1:-1] in released]
-    assert "BEGIN SOLUTION" not in released and "hidden_check" not in released and "hidden:" not in released
+    assert "BEGIN SOLUTION" not in released
+    hidden = [node.value for path in HIDDEN.glob("*.py") for node in ast.walk(ast.parse(path.read_text()))
+              if isinstance(node, ast.Constant) and isinstance(node.value, str) and len(node.value) > 15
+              and node.value not in grading.exercises()]  # the messages, not the exercises' names
+    assert hidden and not [text for text in hidden if text in released] and "hidden_check" not in released
     for path in written:
         notebook = nbformat.read(path, as_version=4)
         assert notebook.metadata["lectlib"]["chapter"] == path.stem  # how the grader knows the chapter

@@ -85,7 +85,7 @@ def _kernel_with_step(step):
     return output
 
 
-@exercise("flash_block_step", reference=lambda *args: _flash().block_step(*args), observe=_kernel_with_step)
+@exercise("flash_block_step", reference=lambda *args: _flash().block_step(*args), points=2, observe=_kernel_with_step)
 def _(kernel):
     g = torch.Generator().manual_seed(5)
     cases = [("40 queries x 40 keys", 40, 40, 1.0, False),
