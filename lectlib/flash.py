@@ -207,16 +207,28 @@ def _backward_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, qk_scale, scale, n_q, n_k, 
              mask=(offs_m[:, None] < n_q) & (offs_d[None, :] < HEAD_DIM))
 
 
-def _config(head_dim: int) -> dict:
-    """Block sizes and launch settings per head dim (small blocks under the interpreter: more tails tested)."""
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    if INTERPRET:
-        return dict(BLOCK_D=block_d, fwd=(16, 16, {}), bwd=(16, 16, {}))
-    if block_d <= 64:
-        return dict(BLOCK_D=block_d, fwd=(128, 64, dict(num_warps=4, num_stages=3)),
-                    bwd=(64, 64, dict(num_warps=4, num_stages=2)))
-    return dict(BLOCK_D=block_d, fwd=(128, 64, dict(num_warps=8, num_stages=3)),
-                bwd=(64, 64, dict(num_warps=8, num_stages=1)))
+# Launch settings, autotuned on compiled GPUs: the first time a kernel meets a new (N_q, N_k, head dim,
+# causal, dtype) it times every config and keeps the fastest (Triton's `autotune`). Configs that do not
+# fit (too much shared memory) are skipped by the tuner. The first config of each list is the default.
+# Under the interpreter one config of small blocks: more tails tested, and no GPU to time on.
+FORWARD_CONFIGS = [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=w, num_stages=s)
+                   for bm, bn, w, s in [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4)]]
+BACKWARD_CONFIGS = [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=w, num_stages=s)
+                    for bm, bn, w, s in [(64, 64, 8, 1), (64, 64, 4, 2), (32, 64, 4, 3)]]
+INTERPRETER_CONFIG = triton.Config(dict(BLOCK_M=16, BLOCK_N=16))
+
+
+def _autotuned(kernel, configs):
+    return triton.autotune([INTERPRETER_CONFIG] if INTERPRET else configs, key=["n_q", "n_k", "HEAD_DIM", "CAUSAL"])(kernel)
+
+
+_forward_tuned = _autotuned(_forward_kernel, FORWARD_CONFIGS)
+_backward_dkdv_tuned = _autotuned(_backward_dkdv_kernel, BACKWARD_CONFIGS)
+_backward_dq_tuned = _autotuned(_backward_dq_kernel, BACKWARD_CONFIGS)
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
 
 
 def _shape(q, k):
@@ -237,14 +249,11 @@ def forward(q, k, v, *, causal: bool = False, scale: float | None = None, step=N
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     b, h, n_q, n_k, d, group = _shape(q, k)
     scale = attention.resolve_scale(scale, d)
-    cfg = _config(d)
-    block_m, block_n, launch = cfg["fwd"]
     o = torch.empty_like(q)
     lse = torch.empty((b, h, n_q), device=q.device, dtype=torch.float32)
-    grid = (triton.cdiv(n_q, block_m), b * h)
-    _forward_kernel[grid](q, k, v, o, lse, scale * LOG2E, n_q, n_k, h, group,
-                          HEAD_DIM=d, BLOCK_D=cfg["BLOCK_D"], BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal,
-                          STEP=_block_step if step is None else step, UPCAST=INTERPRET, **launch)
+    grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), b * h)  # noqa: E731
+    _forward_tuned[grid](q, k, v, o, lse, scale * LOG2E, n_q, n_k, h, group, HEAD_DIM=d, BLOCK_D=_block_d(d),
+                         CAUSAL=causal, STEP=_block_step if step is None else step, UPCAST=INTERPRET)
     return o, lse
 
 
@@ -252,19 +261,16 @@ def backward(do, q, k, v, o, lse, *, causal: bool, scale: float):
     """Gradients (dq, dk, dv) of the forward kernel's output given dO, recomputing P from the log-sum-exp."""
     q, k, v, o, do = (t.contiguous() for t in (q, k, v, o, do))
     b, h, n_q, n_k, d, group = _shape(q, k)
-    cfg = _config(d)
-    block_m, block_n, launch = cfg["bwd"]
     # rowsum(dO ∘ O) = rowsum(P ∘ dP): the softmax backward's correction term, one number per query.
     delta = (do.float() * o.float()).sum(-1)
     dq = torch.empty(q.shape, device=q.device, dtype=torch.float32)
     # Each query head writes its own dK, dV; the heads sharing a KV head are summed afterwards.
     dk = torch.empty((b, h, n_k, d), device=q.device, dtype=torch.float32)
     dv = torch.empty_like(dk)
-    common = dict(HEAD_DIM=d, BLOCK_D=cfg["BLOCK_D"], BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal,
-                  UPCAST=INTERPRET, **launch)
-    _backward_dkdv_kernel[(triton.cdiv(n_k, block_n), b * h)](
+    common = dict(HEAD_DIM=d, BLOCK_D=_block_d(d), CAUSAL=causal, UPCAST=INTERPRET)
+    _backward_dkdv_tuned[lambda meta: (triton.cdiv(n_k, meta["BLOCK_N"]), b * h)](
         q, k, v, do, lse, delta, dk, dv, scale * LOG2E, scale, n_q, n_k, h, group, **common)
-    _backward_dq_kernel[(triton.cdiv(n_q, block_m), b * h)](
+    _backward_dq_tuned[lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), b * h)](
         q, k, v, do, lse, delta, dq, scale * LOG2E, scale, n_q, n_k, h, group, **common)
     dk = dk.view(b, h // group, group, n_k, d).sum(2)
     dv = dv.view(b, h // group, group, n_k, d).sum(2)

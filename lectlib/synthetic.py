@@ -7,15 +7,25 @@
 - Induction heads (Olsson et al. 2022): a trigger token appears once, followed by an answer token;
   when the trigger appears again at the end, the model must output that answer. Associative
   recall in its simplest form; trained at one length, tested at longer ones (extrapolation).
+- Multi-query associative recall (MQAR; Arora et al. 2023, "Zoology"): several key-value pairs,
+  then several of the keys again, each asking for its value. A model with a fixed-size state
+  must hold every pair at once; attention looks the key up. The harder, many-pair version of
+  induction heads, and the task where pure SSMs trail attention as the pairs grow.
 
 Every generator returns (inputs, targets), two (B, L) int64 tensors for next-token training
 (`lectlib.train.lm_loss`): targets are -100 except where the task asks a question.
 """
 
+import argparse
+import json
+import time
+
 import torch
 
+from .jamba import Jamba, JambaConfig
 from .llama import Llama, LlamaConfig
 from .ssm import MambaConfig, MambaLM
+from .train import train
 
 IGNORE = -100
 
@@ -75,6 +85,33 @@ def induction_heads(batch: int, *, seq_len: int, n_tokens: int, generator=None):
     return inputs, targets
 
 
+def mqar_vocab(n_keys: int, n_values: int) -> int:
+    """Vocabulary of `mqar`: keys are 0…n_keys-1, values n_keys…n_keys+n_values-1."""
+    return n_keys + n_values
+
+
+def mqar(batch: int, *, n_pairs: int, n_queries: int | None = None, n_keys: int, n_values: int, generator=None):
+    """Multi-query associative recall: (inputs, targets) of shape (batch, 2·n_pairs + n_queries).
+
+    inputs = n_pairs pairs "key value" with distinct keys (0…n_keys-1) and random values
+    (n_keys…n_keys+n_values-1), then `n_queries` of those keys in random order (all of them by
+    default). The target at each queried key is its value; everywhere else -100.
+    """
+    n_queries = n_pairs if n_queries is None else n_queries
+    _check(batch=batch, n_pairs=n_pairs, n_queries=n_queries, n_keys=n_keys, n_values=n_values)
+    if n_pairs > n_keys:
+        raise ValueError(f"n_pairs={n_pairs} distinct keys do not fit in n_keys={n_keys}")
+    if n_queries > n_pairs:
+        raise ValueError(f"n_queries={n_queries} must be at most n_pairs={n_pairs} (each asks for one pair)")
+    keys = torch.rand(batch, n_keys, generator=generator).argsort(1)[:, :n_pairs]
+    values = torch.randint(n_keys, n_keys + n_values, (batch, n_pairs), generator=generator)
+    asked = torch.rand(batch, n_pairs, generator=generator).argsort(1)[:, :n_queries]
+    pairs = torch.stack([keys, values], 2).flatten(1)  # k1 v1 k2 v2 …
+    inputs = torch.cat([pairs, keys.gather(1, asked)], 1)
+    targets = torch.cat([torch.full((batch, 2 * n_pairs), IGNORE), values.gather(1, asked)], 1)
+    return inputs, targets
+
+
 @torch.no_grad()
 def accuracy(model, inputs: torch.Tensor, targets: torch.Tensor, *, batch_size: int = 256) -> float:
     """Fraction of the asked positions (targets != -100) where argmax model(inputs) is the target."""
@@ -106,3 +143,75 @@ def small_models(vocab_size: int, *, d_model: int = 32, n_layers: int = 2, d_sta
                                   head_dim=d_model // 4, hidden_dim=2 * d_model, rope_theta=10000.0,
                                   max_positions=1 << 16))
     return {"Mamba (selective)": mamba, "LTI SSM": lti, "Transformer": attention}
+
+
+def recall_models(vocab_size: int, *, d_model: int = 32, d_state: int = 8, depths=(2,), seed: int = 0) -> dict:
+    """The models the MQAR experiment compares: pure Mamba stacks of each depth in `depths`, and a
+    2-layer Jamba-style hybrid of the same width and state size (one Mamba layer, one attention
+    layer without positions, an MLP after each, no MoE)."""
+    models = {}
+    for depth in depths:
+        torch.manual_seed(seed)
+        models[f"Mamba ({depth} layers)"] = MambaLM(MambaConfig(vocab_size=vocab_size, d_model=d_model,
+                                                                n_layers=depth, d_state=d_state))
+    torch.manual_seed(seed)
+    models["Hybrid (Mamba + attention)"] = Jamba(JambaConfig(
+        vocab_size=vocab_size, d_model=d_model, n_layers=2, attn_period=2, attn_offset=1, moe_period=3,
+        moe_offset=2, n_heads=4, n_kv_heads=4, hidden_dim=2 * d_model, d_state=d_state))
+    return models
+
+
+def mqar_sweep(models: dict, pairs, *, steps: int, n_keys: int, n_values: int, batch: int = 32, lr: float = 1e-2,
+               test_size: int = 256, seed: int = 0) -> list[dict]:
+    """Train each model on MQAR with the number of pairs cycling through `pairs` (one count per batch),
+    then test it at every count: rows {model, parameters, n_pairs, accuracy, train_seconds}."""
+    rows = []
+    for name, model in models.items():
+        g = torch.Generator().manual_seed(seed + 1)
+        start = time.perf_counter()
+        train(model, lambda step: mqar(batch, n_pairs=pairs[step % len(pairs)], n_keys=n_keys, n_values=n_values,
+                                       generator=g), steps=steps, lr=lr, seed=seed, desc=name)
+        seconds = time.perf_counter() - start
+        for n in pairs:
+            test = mqar(test_size, n_pairs=n, n_keys=n_keys, n_values=n_values,
+                        generator=torch.Generator().manual_seed(10_000 + seed * 100 + n))
+            rows.append(dict(model=name, parameters=sum(p.numel() for p in model.parameters()), n_pairs=n,
+                             accuracy=accuracy(model, *test), train_seconds=round(seconds, 1)))
+    return rows
+
+
+MQAR_BOOK = dict(pairs=[2, 4, 8, 16, 32], steps=1000, n_keys=32, n_values=32, depths=(2, 4), seeds=(0, 1))
+
+
+def main(argv=None) -> None:
+    """`python -m lectlib.synthetic mqar`: the book-scale MQAR sweep, recorded to data/results/mqar.json."""
+    from .bench import RESULTS, environment
+
+    parser = argparse.ArgumentParser(prog="python -m lectlib.synthetic", description=main.__doc__)
+    parser.add_argument("command", choices=["mqar"])
+    parser.add_argument("--steps", type=int, default=MQAR_BOOK["steps"])
+    parser.add_argument("--pairs", type=int, nargs="+", default=MQAR_BOOK["pairs"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(MQAR_BOOK["seeds"]))
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default=str(RESULTS / "mqar.json"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    settings = dict(pairs=args.pairs, steps=args.steps, n_keys=MQAR_BOOK["n_keys"], n_values=MQAR_BOOK["n_values"],
+                    depths=list(MQAR_BOOK["depths"]), d_model=32, d_state=8, batch=32, lr=1e-2)
+    start = time.perf_counter()
+    rows = []
+    for seed in args.seeds:
+        models = recall_models(mqar_vocab(settings["n_keys"], settings["n_values"]), depths=settings["depths"],
+                               seed=seed)
+        rows += [dict(seed=seed, **r) for r in mqar_sweep(models, args.pairs, steps=args.steps, n_keys=settings["n_keys"],
+                                                          n_values=settings["n_values"], seed=seed)]
+        print(json.dumps(rows[-len(models) * len(args.pairs):]), flush=True)
+    settings["seconds"] = round(time.perf_counter() - start)
+    out = {"experiment": "mqar", "environment": environment(), "settings": settings, "rows": rows}
+    with open(args.out, "w") as f:
+        json.dump(out, f, indent=1)
+    print(f"recorded {len(rows)} rows to {args.out} in {settings['seconds']} s")
+
+
+if __name__ == "__main__":
+    main()
