@@ -29,9 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .attention import attention_probs, repeat_kv, sdpa_attention
+from .kv import KVCache, SinkCache
 from .positions import rope_parameters
 from .streaming import _attention_swapped, sink_window_attention
 
@@ -48,6 +50,20 @@ def _check_gates(gates: torch.Tensor, n_layers: int, n_kv_heads: int) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # The gated attention used for training.
+
+def gated_mix(full: torch.Tensor, stream: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """α · full + (1 - α) · stream (DuoAttention eq. 1), α = `gate` (H_kv,) shared by each KV head's query heads.
+
+    full, stream: (B, H, N, D) outputs of full and of sink + window attention; query head h
+    belongs to KV head h // (H / H_kv), as in `repeat_kv`.
+    """
+    if full.shape != stream.shape or full.dim() != 4:
+        raise ValueError(f"full and stream must be equal (B, H, N, D) tensors, got {tuple(full.shape)} and {tuple(stream.shape)}")
+    if gate.dim() != 1 or full.shape[1] % gate.shape[0]:
+        raise ValueError(f"gate must be (H_kv,) with H_kv dividing the {full.shape[1]} heads, got {tuple(gate.shape)}")
+    alpha = repeat_kv(gate.view(1, -1, 1, 1), full.shape[1] // gate.shape[0]).to(full.dtype)  # (1, H, 1, 1)
+    return stream + alpha * (full - stream)
+
 
 def gated_attention(gates: torch.Tensor, layer: int, *, sinks: int, window: int, inv_freq: torch.Tensor,
                     block: int = 256):
@@ -68,10 +84,8 @@ def gated_attention(gates: torch.Tensor, layer: int, *, sinks: int, window: int,
             raise ValueError("gated_attention is causal: call it with causal=True")
         if gates.shape[1] != k.shape[1]:
             raise ValueError(f"gates must have one column per KV head ({k.shape[1]}), got {tuple(gates.shape)}")
-        alpha = repeat_kv(gates[layer].view(1, -1, 1, 1), q.shape[1] // k.shape[1]).to(q.dtype)  # (1, H, 1, 1)
         full = sdpa_attention(q, k, v, causal=True, scale=scale)
-        stream = streaming(q, k, v, causal=True, scale=scale)
-        return stream + alpha * (full - stream)
+        return gated_mix(full, streaming(q, k, v, causal=True, scale=scale), gates[layer])
 
     return attend
 
@@ -155,12 +169,14 @@ class TrainLog:
 
 def train_gates(model, tokenizer, *, steps: int, length: int, n_keys: int = 5, lr: float = 0.02,
                 l1: float = 0.05, sinks: int = SINKS, window: int = WINDOW, seed: int = 0, gates=None,
-                samples=None, progress: bool = True, log_every: int = 1, on_log=None):
+                samples=None, seconds: float | None = None, progress: bool = True, log_every: int = 1, on_log=None):
     """Train the gates α (L, H_kv) of a frozen `model` with Adam (DuoAttention §3.2); returns (gates, TrainLog).
 
     Each step draws a fresh `passkey_sample` of `length` tokens (seed + step), or cycles through
     `samples` when given (a fixed batch). α starts at 1 (every head full), is clamped to [0, 1]
-    after each step, and the loss is `distillation_loss` + `l1` · mean |α|.
+    after each step, and the loss is `distillation_loss` + `l1` · mean |α|. `seconds` stops the
+    loop after the step that passes that much time (a CPU budget); `on_log(gates, log)` is called
+    at every logged step (the command saves the gates there).
     """
     from tqdm.auto import tqdm
 
@@ -189,13 +205,16 @@ def train_gates(model, tokenizer, *, steps: int, length: int, n_keys: int = 5, l
             optimizer.step()
             with torch.no_grad():
                 gates.clamp_(0.0, 1.0)
-            if step % log_every == 0 or step == steps - 1:
+            out_of_time = seconds is not None and time.perf_counter() - begin > seconds
+            if step % log_every == 0 or step == steps - 1 or out_of_time:
                 log.step.append(step)
                 log.distill.append(distill.item())
                 log.l1.append(penalty.item())
                 log.seconds.append(time.perf_counter() - begin)
                 if on_log is not None:
                     on_log(gates.detach(), log)
+            if out_of_time:
+                break
     finally:
         for p, flag in zip(model.parameters(), frozen):
             p.requires_grad_(flag)
@@ -263,6 +282,90 @@ def load_gates(path: Path = GATES_FILE) -> tuple[torch.Tensor, dict]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Deployment: a full cache for retrieval heads, sinks + window for streaming heads.
+
+class DuoAttentionCache(KVCache):
+    """DuoAttention's cache (Xiao et al. 2024, §3.3): per (layer, KV head), a retrieval head keeps
+    every token, a streaming head the first `sinks` and the `window` most recent.
+
+    `retrieval` (L, H_kv) bool says which is which (`retrieval_heads`). The tokens live in two
+    caches, `full` (the retrieval heads of each layer) and `streaming` (a `SinkCache`), so
+    `nbytes()` counts what is really held: 2 · D · b · (R · N + S · min(N, sinks + window)).
+    Positions are the text's, as in training. `update` hands the attention one rectangle
+    (B, H_kv, N, D) in which streaming heads are padded; `attention` reads each head's own tokens
+    and gives streaming heads the band of `gated_attention` (query t sees the sinks and t-window+1..t),
+    so a model must run inside `with kv.attach(model, cache):`. The padding is NaN, so attention
+    that reads the rectangle whole (a model run without `attach`) gives NaN logits, not quietly
+    wrong ones.
+    """
+
+    def __init__(self, retrieval: torch.Tensor, *, sinks: int = SINKS, window: int = WINDOW):
+        if not isinstance(retrieval, torch.Tensor) or retrieval.dim() != 2 or retrieval.dtype != torch.bool:
+            raise ValueError(f"retrieval must be a (layers, KV heads) bool tensor, got {getattr(retrieval, 'shape', retrieval)!r}"
+                             f" of dtype {getattr(retrieval, 'dtype', None)}")
+        super().__init__(positions="text")
+        self.retrieval = retrieval
+        self.full = KVCache(positions="text")
+        self.streaming = SinkCache(sinks, window, positions="text")
+        self.sinks, self.window = sinks, window
+        self._seen_by: dict[int, tuple] = {}  # layer -> (key positions, query positions) of the streaming heads' next attention
+
+    def __len__(self) -> int:
+        """Tokens held by a retrieval head (every token seen)."""
+        return self.seen
+
+    def held_tokens(self, layer: int) -> torch.Tensor:
+        """(H_kv,) tokens each KV head of `layer` holds now."""
+        r = self.retrieval[layer]
+        held = torch.zeros(len(r), dtype=torch.int64)
+        if layer in self.full.keys:
+            held[r] = self.full.keys[layer].shape[2]
+        if layer in self.streaming.keys:
+            held[~r] = self.streaming.keys[layer].shape[2]
+        return held
+
+    def update(self, layer, k, v, positions):
+        self._check_update(layer, k, v, positions)
+        if k.shape[1] != self.retrieval.shape[1] or layer >= self.retrieval.shape[0]:
+            raise ValueError(f"k has {k.shape[1]} KV heads in layer {layer}; retrieval is {tuple(self.retrieval.shape)}")
+        r = self.retrieval[layer].to(k.device)
+        B, H, n, D = k.shape
+        parts = []  # (heads, keys, values, positions) of each kind
+        if r.any():
+            parts.append((r, *self.full.update(layer, k[:, r], v[:, r], positions)[:3]))
+        if (~r).any():
+            parts.append((~r, *self.streaming.update(layer, k[:, ~r], v[:, ~r], positions)[:3]))
+        self.seen = self.streaming.seen if not self.retrieval[0].all() else self.full.seen
+        longest = max(part[1].shape[2] for part in parts)
+        keys, values = k.new_full((B, H, longest, D), float("nan")), v.new_full((B, H, longest, D), float("nan"))
+        key_pos = torch.zeros(B, H, longest, dtype=positions.dtype, device=k.device)
+        for heads, hk, hv, hp in parts:
+            keys[:, heads, :hk.shape[2]], values[:, heads, :hk.shape[2]] = hk, hv
+            key_pos[:, heads, :hk.shape[2]] = hp
+        if (~r).any():  # every streaming head holds the same tokens, at text positions parts[-1][3]
+            self._seen_by[layer] = (parts[-1][3], positions)
+        return keys, values, key_pos, positions
+
+    def attention(self, layer, q, k, v, *, causal, scale, attn_fn=sdpa_attention):
+        r = self.retrieval[layer].to(q.device)
+        n_rep = q.shape[1] // k.shape[1]
+        rq = r.repeat_interleave(n_rep)
+        out = torch.empty_like(q)
+        if r.any():
+            out[:, rq] = attn_fn(q[:, rq], k[:, r], v[:, r], causal=causal, scale=scale)
+        if (~r).any():
+            key_pos, query_pos = self._seen_by.pop(layer)
+            query_pos, held = query_pos[:, None], len(key_pos)
+            band = (key_pos <= query_pos) & ((key_pos < self.sinks) | (key_pos > query_pos - self.window))  # (n, held)
+            ks, vs = (repeat_kv(t[:, ~r, :held], n_rep) for t in (k, v))
+            out[:, ~rq] = F.scaled_dot_product_attention(q[:, ~rq], ks, vs, attn_mask=band, scale=scale)
+        return out
+
+    def nbytes(self) -> int:
+        return self.full.nbytes() + self.streaming.nbytes()
+
+
+# ---------------------------------------------------------------------------------------------
 # A simple ranking to compare with: the attention mass each head puts on the needle.
 
 def _span(ids: list[int], piece: list[int]) -> range:
@@ -313,6 +416,114 @@ def rank_correlation(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
+# Experiments: retrieval and perplexity against the share of retrieval heads, and decoding cost.
+
+SHARES = (0.0, 0.125, 0.25, 0.5, 0.75, 1.0)
+
+
+def retrieval_probes(tokenizer, *, length: int, count: int, seed: int = 0) -> list[tuple[str, torch.Tensor, list[int]]]:
+    """(task, prompt (1, N), answer token ids) for `count` prompts of each task, at depths spread in
+    [0.1, 0.9]: passkey (the digits after "The pass key is "), needle (the "vault" needle: the
+    word after "...the old vault is") and key-value retrieval (the first 8 characters of the value,
+    about `length` tokens of pairs). Scored teacher-forced (`retrieved`), so the answer's format
+    is not scored: only whether the model retrieves it.
+    """
+    from . import evals
+
+    enc = lambda s: tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
+    probes = []
+    pairs = max(2, round(length / 75))  # a JSON pair of UUIDs is about 75 tokens
+    for i in range(count):
+        depth = 0.1 + 0.8 * i / max(count - 1, 1)
+        ids, key = evals.passkey_prompt(tokenizer, length, depth, seed=seed * 1000 + i)
+        digits = enc(" " + key)
+        probes.append(("passkey", torch.cat([ids, torch.tensor([digits[:-len(enc(key))]])], 1) if
+                       len(digits) > len(enc(key)) else ids, digits[-len(enc(key)):]))
+        ids, _, _ = evals.needle_prompt(tokenizer, length, depth, "vault", seed=seed * 1000 + i)
+        probes.append(("needle", ids, enc(" pineapple")))
+        ids, value = evals.kv_prompt(tokenizer, pairs, min(pairs - 1, round(depth * (pairs - 1))), seed=seed * 1000 + i)
+        probes.append(("key-value", ids, enc(value[:8])))
+    return probes
+
+
+@torch.no_grad()
+def retrieved(model, prompt: torch.Tensor, answer: list[int], cache) -> tuple[bool, int]:
+    """(whether every answer token is the greedy choice when fed teacher-forced, bytes held after the prompt).
+
+    The prompt goes in whole, then the answer one token at a time (as in decoding), all through `cache`.
+    """
+    from . import kv
+
+    with kv.attach(model, cache):
+        logits = [model(prompt, cache=cache)[0, -1]]
+        held = cache.nbytes()
+        for token in answer[:-1]:
+            logits.append(model(torch.tensor([[token]]), cache=cache)[0, -1])
+    return bool((torch.stack(logits).argmax(-1) == torch.tensor(answer)).all()), held
+
+
+@torch.no_grad()
+def gated_perplexity(model, input_ids: torch.Tensor, gates: torch.Tensor, *, sinks: int = SINKS,
+                     window: int = WINDOW) -> float:
+    """Perplexity of `input_ids` (1, N) with `gates` (L, H_kv) installed: with 0/1 gates, exactly the
+    model decoding through `DuoAttentionCache` (one pass, as `streaming.sink_window_nlls`)."""
+    from .streaming import _nlls_from_hidden
+
+    with gates_installed(model, gates, sinks=sinks, window=window):
+        hidden = model.hidden_states(input_ids)[0]
+    return math.exp(_nlls_from_hidden(model, hidden[:-1], input_ids[0, 1:]).mean().item())
+
+
+def share_sweep(model, tokenizer, gates: torch.Tensor, *, length: int, count: int, ppl_tokens: int,
+                shares=SHARES, sinks: int = SINKS, window: int = WINDOW, progress: bool = True) -> list[dict]:
+    """Rows {share, task, accuracy, bytes, full_bytes}, task in passkey / needle / key-value / perplexity."""
+    from tqdm.auto import tqdm
+
+    from .data import window as text_window
+    from .kv import KVCache
+
+    probes = retrieval_probes(tokenizer, length=length, count=count)
+    text = text_window(tokenizer, ppl_tokens, start=200_000)
+    rows = []
+    for share in tqdm(shares, desc="shares", disable=not progress):
+        heads = retrieval_heads(gates, share=share)
+        scores: dict[str, list] = {}
+        for task, prompt, answer in probes:
+            ok, held = retrieved(model, prompt, answer, DuoAttentionCache(heads, sinks=sinks, window=window))
+            full = prompt.shape[1] * 2 * model.config.n_layers * model.config.n_kv_heads * model.config.head_dim * 4
+            scores.setdefault(task, []).append((ok, held, full))
+        for task, got in scores.items():
+            rows.append({"share": share, "task": task, "accuracy": sum(g[0] for g in got) / len(got),
+                         "bytes": sum(g[1] for g in got) / len(got), "full_bytes": sum(g[2] for g in got) / len(got)})
+        ppl = gated_perplexity(model, text, heads.float(), sinks=sinks, window=window)
+        rows.append({"share": share, "task": "perplexity", "accuracy": ppl,
+                     "bytes": duo_cache_bytes(n_layers=model.config.n_layers, n_kv_heads=model.config.n_kv_heads,
+                                              head_dim=model.config.head_dim, n_tokens=ppl_tokens, share=share,
+                                              sinks=sinks, window=window, bytes_per_value=4),
+                     "full_bytes": duo_cache_bytes(n_layers=model.config.n_layers, n_kv_heads=model.config.n_kv_heads,
+                                                   head_dim=model.config.head_dim, n_tokens=ppl_tokens, share=1.0,
+                                                   bytes_per_value=4)})
+    return rows
+
+
+@torch.no_grad()
+def decode_cost(model, caches: dict, lengths, *, steps: int = 3) -> list[dict]:
+    """Rows {method, tokens, seconds (per decoded token, the fastest of `steps`), bytes}: each cache
+    from `caches[method]()` filled with `tokens` random keys/values, then one token decoded through it."""
+    from . import kv
+    from .streaming import fill, time_per_token
+
+    rows = []
+    for n in lengths:
+        for method, make in caches.items():
+            cache = fill(make(), model.config, n)
+            with kv.attach(model, cache):
+                seconds = time_per_token(model, cache, steps=steps)
+            rows.append({"method": method, "tokens": n, "seconds": seconds, "bytes": cache.nbytes()})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
 # Commands.
 
 def _machine() -> dict:
@@ -332,7 +543,7 @@ def train_command(args) -> None:
     out = Path(args.out)
     log_path = out.with_name(out.stem + "_log.json")
     command = "python -m lectlib.duo " + " ".join(sys.argv[1:])
-    settings = {"steps": args.steps, "length": args.length, "n_keys": args.keys, "lr": args.lr, "l1": args.l1,
+    settings = {"steps": args.steps, "minutes": args.minutes, "length": args.length, "n_keys": args.keys, "lr": args.lr, "l1": args.l1,
                 "sinks": args.sinks, "window": args.window, "seed": args.seed}
 
     def save(gates, log):
@@ -345,7 +556,8 @@ def train_command(args) -> None:
               f"{log.seconds[-1]:.0f} s", flush=True)
 
     train_gates(model, tokenizer, steps=args.steps, length=args.length, n_keys=args.keys, lr=args.lr, l1=args.l1,
-                sinks=args.sinks, window=args.window, seed=args.seed, progress=False, on_log=save)
+                sinks=args.sinks, window=args.window, seed=args.seed, seconds=None if args.minutes is None else 60 * args.minutes,
+                progress=False, on_log=save)
 
 
 def main(argv=None) -> None:
@@ -362,6 +574,7 @@ def main(argv=None) -> None:
     train.add_argument("--sinks", type=int, default=SINKS)
     train.add_argument("--window", type=int, default=WINDOW)
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--minutes", type=float, default=None, help="stop after this much time (a CPU budget)")
     train.add_argument("--out", default=str(GATES_FILE))
     args = parser.parse_args(argv)
     if args.command == "train":

@@ -136,3 +136,52 @@ def test_passkey_sample_marks_the_answer():
     recited = tok.decode(s.input_ids[0, 1:][s.answer[:-1]])
     keys = [t for t in tok.decode(s.input_ids[0]).split("pass key is ")[1:]]
     assert recited.strip().rstrip(".") == ", ".join(k[:5] for k in keys)
+
+
+RETRIEVAL = torch.tensor([[True, False], [False, True]])
+
+
+def _decode_through_cache(model, ids, cache, prefill):
+    from lectlib import kv
+
+    logits = []
+    with torch.no_grad(), kv.attach(model, cache):
+        logits.append(model(ids[:, :prefill], cache=cache))
+        for t in range(prefill, ids.shape[1]):
+            logits.append(model(ids[:, t:t + 1], cache=cache))
+    return torch.cat(logits, dim=1)
+
+
+@pytest.mark.parametrize("prefill", [3, 20])
+def test_cache_decodes_like_the_binary_gated_model(tiny, prefill):
+    """Oracle: one forward of `gated_attention` with gates 1 on retrieval heads, 0 on streaming heads."""
+    ids = torch.randint(0, TINY.vocab_size, (1, 33))
+    cache = duo.DuoAttentionCache(RETRIEVAL, sinks=2, window=5)
+    got = _decode_through_cache(tiny, ids, cache, prefill)
+    with torch.no_grad(), duo.gates_installed(tiny, RETRIEVAL.float(), sinks=2, window=5, block=8):
+        want = tiny(ids)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_cache_holds_exactly_the_promised_tokens_per_head(tiny):
+    ids = torch.randint(0, TINY.vocab_size, (1, 30))
+    cache = duo.DuoAttentionCache(RETRIEVAL, sinks=2, window=5)
+    _decode_through_cache(tiny, ids, cache, 12)
+    for layer in range(2):
+        assert cache.held_tokens(layer).tolist() == [30, 7] if layer == 0 else [7, 30]
+        assert cache.streaming.text_positions[layer].tolist() == [0, 1, 25, 26, 27, 28, 29]
+        assert cache.full.text_positions[layer].tolist() == list(range(30))
+    per_token = 2 * TINY.head_dim * 4  # key and value, fp32
+    assert cache.nbytes() == per_token * (2 * 30 + 2 * 7)
+    assert cache.nbytes() == duo.duo_cache_bytes(n_layers=2, n_kv_heads=2, head_dim=8, n_tokens=30, share=0.5,
+                                                 sinks=2, window=5, bytes_per_value=4)
+
+
+def test_cache_without_attach_is_loud_and_needs_a_bool_table(tiny):
+    """Read whole by a plain attention (no `kv.attach`), the padded streaming heads give NaN, not wrong numbers."""
+    cache = duo.DuoAttentionCache(RETRIEVAL, sinks=2, window=5)
+    with torch.no_grad():
+        tiny(torch.randint(0, TINY.vocab_size, (1, 12)), cache=cache)
+        assert tiny(torch.randint(0, TINY.vocab_size, (1, 1)), cache=cache).isnan().all()
+    with pytest.raises(ValueError, match="retrieval"):
+        duo.DuoAttentionCache(RETRIEVAL.float())
