@@ -27,6 +27,7 @@ import csv
 import json
 import os
 import re
+import resource
 import select
 import shutil
 import signal
@@ -47,6 +48,7 @@ from . import grading, release
 LIBRARY = Path(__file__).resolve().parent
 MAX_RESULT_BYTES = 64 * 2**20  # a recorded exercise larger than this is not read back
 MAX_MESSAGE = 300  # characters of a learner's exception message kept in the report
+MAX_FILE_BYTES = 256 * 2**20  # the largest file a learner's process may write (its output, its results)
 
 
 # ---------------------------------------------------------------- recording and replaying calls
@@ -332,6 +334,7 @@ def _forker(channel_fd: int) -> None:
 def _child(job_path: str, events_fd: int) -> None:
     """The learner's process: run the cells, then record every check, reporting each step on `events_fd`."""
     job = json.loads(Path(job_path).read_text())
+    resource.setrlimit(resource.RLIMIT_FSIZE, (MAX_FILE_BYTES, MAX_FILE_BYTES))  # printing forever fills no disk
     output = os.open(job["output"], os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     for fd in (1, 2):
         os.dup2(output, fd)
