@@ -351,6 +351,7 @@ def _child(job_path: str, events_fd: int) -> None:
 
     config = Config()
     config.HistoryManager.enabled = False
+    config.InteractiveShell.xmode = "Plain"  # the rich tracebacks take seconds to format, inside a cell's time limit
     shell = InteractiveShell.instance(config=config)
     submitted = {}
     grading.check = lambda name, candidate: submitted.__setitem__(name, candidate) or True

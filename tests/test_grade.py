@@ -19,7 +19,7 @@ from lectlib import grade, grading, release
 
 SUBMISSIONS = Path(__file__).parent / "submissions"
 HIDDEN = SUBMISSIONS / "hidden"
-TIMEOUT = 4.0  # seconds per cell and per exercise: the loop's cost
+TIMEOUT = 6.0  # seconds per cell and per exercise: the loop's cost
 
 
 @pytest.fixture(scope="module")
