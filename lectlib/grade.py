@@ -27,6 +27,7 @@ import csv
 import json
 import os
 import re
+import resource
 import select
 import shutil
 import signal
@@ -47,6 +48,7 @@ from . import grading, release
 LIBRARY = Path(__file__).resolve().parent
 MAX_RESULT_BYTES = 64 * 2**20  # a recorded exercise larger than this is not read back
 MAX_MESSAGE = 300  # characters of a learner's exception message kept in the report
+MAX_FILE_BYTES = 256 * 2**20  # the largest file a learner's process may write (its output, its results)
 
 
 # ---------------------------------------------------------------- recording and replaying calls
@@ -65,12 +67,15 @@ def to_data(value, depth: int = 0):
     if isinstance(value, complex):
         return torch.tensor(value)
     if type(value).__module__ == "numpy":
-        return torch.as_tensor(value.copy()) if hasattr(value, "shape") and value.shape else to_data(value.item(), depth + 1)
+        if getattr(value, "shape", ()):
+            return torch.as_tensor(value.copy())
+        return to_data(value.item(), depth + 1)
     if isinstance(value, (list, tuple)):
         items = [to_data(v, depth + 1) for v in value]
         return items if isinstance(value, list) else tuple(items)
     if isinstance(value, dict):
-        return {to_data(k, depth + 1) if isinstance(k, (int, str)) else repr(k): to_data(v, depth + 1) for k, v in value.items()}
+        return {to_data(k, depth + 1) if isinstance(k, (int, str)) else repr(k): to_data(v, depth + 1)
+                for k, v in value.items()}
     return {"unreadable": type(value).__name__}
 
 
@@ -157,7 +162,7 @@ def checks_of(name: str, hidden: dict) -> list[tuple[str, object, float]]:
 
 
 def record_checks(name: str, candidate, hidden: dict) -> dict:
-    """{label: {"calls": [...], "stopped": why or None}} of every check of `name` run on `candidate` (learner's process)."""
+    """{label: {"calls": [...], "stopped": why or None}} of each check of `name` run on `candidate` (learner's side)."""
     recorded = {}
     for label, check, _ in checks_of(name, hidden):
         stopped = None
@@ -279,7 +284,8 @@ def read_submission(path: Path, chapters: dict[str, list[str]], chapter: str | N
         if "exercise" in cell.metadata.get("tags", []):
             for name in release.CHECK_CALL.findall(cell.source):
                 tagged.setdefault(name, i)
-    claimed = notebook.metadata.get("lectlib", {}).get("chapter") if isinstance(notebook.metadata.get("lectlib"), dict) else None
+    release_metadata = notebook.metadata.get("lectlib")
+    claimed = release_metadata.get("chapter") if isinstance(release_metadata, dict) else None
     by_name = [stem for stem in chapters if stem in path.stem]
     mentioned = set(release.CHECK_CALL.findall("\n".join(sources)))
     by_checks = [stem for stem, names in chapters.items() if mentioned & set(names)]
@@ -332,6 +338,7 @@ def _forker(channel_fd: int) -> None:
 def _child(job_path: str, events_fd: int) -> None:
     """The learner's process: run the cells, then record every check, reporting each step on `events_fd`."""
     job = json.loads(Path(job_path).read_text())
+    resource.setrlimit(resource.RLIMIT_FSIZE, (MAX_FILE_BYTES, MAX_FILE_BYTES))  # printing forever fills no disk
     output = os.open(job["output"], os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     for fd in (1, 2):
         os.dup2(output, fd)
@@ -348,6 +355,7 @@ def _child(job_path: str, events_fd: int) -> None:
 
     config = Config()
     config.HistoryManager.enabled = False
+    config.InteractiveShell.xmode = "Plain"  # the rich tracebacks take seconds to format, inside a cell's time limit
     shell = InteractiveShell.instance(config=config)
     submitted = {}
     grading.check = lambda name, candidate: submitted.__setitem__(name, candidate) or True
@@ -366,7 +374,8 @@ def _child(job_path: str, events_fd: int) -> None:
     for name in job["exercises"]:
         say(event="exercise", name=name)
         candidate = submitted.get(name)
-        recorded = {"submitted": candidate is not None, "checks": {} if candidate is None else record_checks(name, candidate, hidden)}
+        checks = {} if candidate is None else record_checks(name, candidate, hidden)
+        recorded = {"submitted": candidate is not None, "checks": checks}
         torch.save(recorded, Path(job["results"]) / f"{name}.pt")
         say(event="exercise_done", name=name)
     say(event="finished")

@@ -38,15 +38,16 @@ def exercise_names(notebook) -> list[str]:
 
 
 def student_notebook(notebook, chapter: str | None = None):
-    """A copy of `notebook` with solutions cut out of exercise cells, all outputs cleared, and `chapter` in its metadata."""
+    """A copy of `notebook` with solutions cut out, all outputs cleared, and `chapter` in its metadata."""
     notebook = nbformat.from_dict(notebook)
     if chapter is not None:
         notebook.metadata["lectlib"] = {"chapter": chapter}
     for cell in notebook.cells:
         if cell.cell_type == "code":
             cell.outputs, cell.execution_count = [], None
-    for cell in exercise_cells(notebook):
-        cell.source = strip_solutions(cell.source)
+    for cell in notebook.cells:  # every cell, tagged or not: a solution never reaches a learner
+        if cell.cell_type == "code":
+            cell.source = strip_solutions(cell.source)
     return notebook
 
 

@@ -52,8 +52,13 @@ def test_every_chapter_exercise_is_registered_and_its_solution_passes():
         for name, function in found.items():
             assert name in EXERCISES, f"{path.name} checks {name!r}, which no grading module registers"
             grading.run_check(name, function)
-        cells = release.exercise_cells(nbformat.read(path, as_version=4))
+        notebook = nbformat.read(path, as_version=4)
+        cells = release.exercise_cells(notebook)
         assert len(found) == len(cells), f"{path.name}: an exercise cell did not reach its check"
+        untagged = [i for i, c in enumerate(notebook.cells) if c.cell_type == "code" and c not in cells
+                    and ("BEGIN SOLUTION" in c.source or release.CHECK_CALL.search(c.source))]
+        assert not untagged, (f"{path.name}: cells {untagged} hold an exercise but lack the tag 'exercise' "
+                              "(the grader and the release find exercises by it)")
         assert list(found) == release.exercise_names(nbformat.read(path, as_version=4))
 
 

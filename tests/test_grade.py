@@ -19,7 +19,7 @@ from lectlib import grade, grading, release
 
 SUBMISSIONS = Path(__file__).parent / "submissions"
 HIDDEN = SUBMISSIONS / "hidden"
-TIMEOUT = 4.0  # seconds per cell and per exercise: the loop's cost
+TIMEOUT = 6.0  # seconds per cell and per exercise: the loop's cost
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +57,16 @@ def test_the_class_gets_the_scores_it_deserves(class_run):
     assert reports["summary"]["exercises"]["kv_cache_bytes"] == {"passed": 2, "graded": 4, "mean_points": 1.0}
     cy = by_name(next(r for r in reports["students"] if r["student"] == "cy"))
     assert "batch 2, 32 heads" in cy["attention_scores_bytes"]["message"]
+
+
+def test_gradescope_results_show_hidden_checks_once_published(class_run):
+    cy = next(r for r in class_run[2]["students"] if r["student"] == "cy")
+    results = grade.gradescope(cy)
+    assert results["score"] == 2
+    assert [(t["name"], t["score"], t["max_score"], t["visibility"]) for t in results["tests"]] == [
+        ("kv_cache_bytes (public)", 1, 1, "visible"), ("kv_cache_bytes (hidden 1)", 1, 1, "after_published"),
+        ("attention_scores_bytes (public)", 0, 1, "visible"),
+        ("attention_scores_bytes (hidden 1)", 0, 1, "after_published")]
 
 
 def test_a_patched_checker_scores_zero_and_the_next_learners_are_not_affected(class_run):

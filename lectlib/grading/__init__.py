@@ -2,7 +2,7 @@
 
 Each chapter has a module in this package that registers its exercises:
 
-    @exercise("kv_cache_bytes", reference=memory.kv_cache_bytes, points=2)
+    @exercise("kv_cache_bytes", reference=memory.kv_cache_bytes)  # worth points=1, the default
     def _(candidate):
         expect_close(candidate(...), 2.5e6, "Llama-2-70B, one token")
 

@@ -33,6 +33,8 @@ def exercise(name: str, body: str, *, tagged: bool = True, checker: str = "from 
 def notebook(*cells) -> nbformat.NotebookNode:
     nb = new_notebook(cells=[new_markdown_cell("# Chapter 0, exercises"), *cells])
     nb.metadata["lectlib"] = {"chapter": "00_why_long_context"}
+    for i, cell in enumerate(nb.cells):
+        cell.id = f"cell-{i}"  # fixed ids: rerunning this script changes nothing that did not change
     return nb
 
 
