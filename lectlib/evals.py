@@ -8,9 +8,32 @@ retrieval tests ask for one specific distant fact instead:
 - needle in a haystack (Kamradt 2023): a sentence hidden in a real long text (lectlib.data);
 - key-value retrieval from "Lost in the Middle" (Liu et al. 2023): one UUID pair among N;
 - passage retrieval from LongBench (Bai et al. 2023), small: which numbered paragraph a quotation is from.
-Each has a prompt builder, a deterministic scorer and a grid runner returning tidy rows. The
-model is lectlib's Llama or a Hugging Face causal LM; `cache_factory`, `prefill_chunk` and
-`position_offset` let later chapters run the same tests on compressed caches and scaled RoPE.
+
+Retrieval is scored apart from the answer's format. A free greedy answer mixes two things: whether
+the model found the fact and whether it chooses to write it (after "The pass key is" SmolLM2 often
+writes " the pass key that is used to..."). So every task builds a `Probe`: the prompt, a fixed
+answer prefix that ends exactly where the answer's tokens start (" " before a passkey's digits,
+" You should" before the needle's " eat a sandwich..."), and the answer's tokens. `score_probe`
+reads the prompt once and reports
+- `retrieved`: the answer (each keyword of it) is the greedy continuation, teacher-forced: the
+  grids' `accuracy` column;
+- `logprob`: Σ log p(answer tokens | prompt, prefix), a graded score that moves before accuracy does;
+- the free greedy answer, scored by the task's string rule: the grids' `free` column.
+Grid rows hold the mean over trials (keys, haystacks, JSON objects) with its min/max.
+
+Scoring another method (a KV-cache policy, an attention variant, scaled RoPE) with the harness:
+    rows = evals.passkey_accuracy(model, tokenizer, [1024, 4096], [0.0, 0.5, 1.0], trials=5,
+                                  cache_factory=lambda: MyCache(budget=256), prefill_chunk=128)
+    rows = evals.needle_accuracy(model, tokenizer, ..., cache_factory=..., prefill_chunk=...)
+`cache_factory()` makes a fresh lectlib KVCache (subclass) per prompt; `prefill_chunk` feeds the
+prompt in chunks so the policy evicts while reading it; the answer is always fed one token at a
+time, as in decoding. An attention variant goes in the model itself (lectlib's Llama's
+`attn_fn` per layer, or any Hugging Face causal LM); `position_offset` shifts the prompt's
+positions. One prompt at a time: `score_probe(model, tokenizer, passkey_probe(tokenizer, 4096, 0.5,
+seed=1), cache=MyCache(...), positions=...)`. Compare methods on `accuracy` and `logprob` at the
+same seeds; `free` only says whether the answer also comes out in the expected form.
+Grids too slow for a CPU chapter are recorded by `python -m lectlib.evals record passkey|needle`
+into data/results/evals_<task>.json.
 """
 
 import copy
@@ -24,6 +47,8 @@ import torch
 import torch.nn.functional as F
 
 from .kv import KVCache
+
+RESULTS = Path(__file__).resolve().parent.parent / "data" / "results"  # recorded grids (see `record`)
 
 
 def _logits(model, input_ids, cache):
@@ -598,15 +623,34 @@ def grid_matrix(rows: list[dict], *, x: str = "length", y: str = "depth", value:
     return z, xs, ys
 
 
-def accuracy_heatmap(rows: list[dict], *, title: str = "", x: str = "length", y: str = "depth"):
-    """The plotly heatmap of a length x depth grid (hover shows each cell's accuracy)."""
+def accuracy_heatmap(rows: list[dict], *, title: str = "", x: str = "length", y: str = "depth", value: str = "accuracy"):
+    """The plotly heatmap of a length x depth grid's `value` column in [0, 1] (hover shows each cell)."""
     from . import viz
 
-    z, xs, ys = grid_matrix(rows, x=x, y=y)
+    z, xs, ys = grid_matrix(rows, x=x, y=y, value=value)
     return viz.heatmap_figure(z, x=[str(v) for v in xs], y=[f"{v:.0%}" if y == "depth" else str(v) for v in ys],
                               title=title, x_title=f"context {x} (tokens)" if x == "length" else x,
                               y_title=f"needle {y}" if y == "depth" else y, colorscale="RdYlGn", zmin=0, zmax=1,
                               text_format="%{z:.2f}")
+
+
+@torch.no_grad()
+def next_token_probs(model, tokenizer, input_ids: torch.Tensor, *, k: int = 5) -> list[tuple[str, float]]:
+    """The `k` most likely next tokens after the prompt `input_ids` (1, N), decoded, with their probabilities."""
+    if k <= 0:
+        raise ValueError(f"k must be positive, got {k}")
+    logits, _, _ = _read(model, input_ids, cache=None, positions=None, prefill_chunk=None)
+    probs = torch.softmax(logits.float(), -1)
+    top = probs.topk(k)
+    return [(tokenizer.decode([int(i)]), float(p)) for p, i in zip(top.values, top.indices)]
+
+
+def load_record(task: str, path=None) -> dict:
+    """The recorded grid of `task` (data/results/evals_<task>.json, made by `python -m lectlib.evals record`)."""
+    path = RESULTS / f"evals_{task}.json" if path is None else Path(path)
+    if not path.exists():
+        raise ValueError(f"no record at {path}: run `python -m lectlib.evals record {task}` first")
+    return json.loads(path.read_text())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -713,6 +757,30 @@ def _count_position_grid(name: str, counts, positions) -> dict[str, list]:
     return {name: counts, "position": positions}
 
 
+def position_effects(rows: list[dict], *, count: str = "pairs") -> dict:
+    """Primacy and recency from the rows of one count (e.g. kv_accuracy at one number of pairs).
+
+    Returns {first, middle (the mean of the positions strictly between), last, se, primacy,
+    recency}: accuracies over the rows' trials; `se` the standard error of an end's accuracy
+    minus the middle's, binomial at the worst case p = 0.5; primacy (recency) is True when the
+    first (last) position beats the middle by more than 2 se. "U-shaped" is both together.
+    """
+    counts = {r[count] for r in rows}
+    if len(counts) != 1:
+        raise ValueError(f"rows must share one {count} value, got {sorted(counts)}")
+    by_pos = {r["position"]: r for r in rows}
+    positions = sorted(by_pos)
+    if len(positions) < 3:
+        raise ValueError(f"need at least 3 positions (first, middle, last), got {positions}")
+    middle = [by_pos[p] for p in positions[1:-1]]
+    first, last = by_pos[positions[0]]["accuracy"], by_pos[positions[-1]]["accuracy"]
+    mid = sum(r["accuracy"] for r in middle) / len(middle)
+    n = len(by_pos[positions[0]]["retrieved"])  # trials per position
+    se = math.sqrt(0.25 / n + 0.25 / (n * len(middle)))
+    return {"first": first, "middle": mid, "last": last, "se": se,
+            "primacy": first - mid > 2 * se, "recency": last - mid > 2 * se}
+
+
 # ---------------------------------------------------------------------------------------------
 # LongBench's PassageRetrieval (Bai et al. 2023), small: which of n numbered paragraphs a
 # quotation comes from. LongBench quotes a model-written abstract; here the quotation is one
@@ -798,7 +866,6 @@ def rescore(rows: list[dict], score) -> list[dict]:
 # Recording: grids too slow for a chapter on a CPU are run once by a command and saved, with the
 # machine, date, versions and settings; the chapter plots the record at the book scale.
 
-RESULTS = Path(__file__).resolve().parent.parent / "data" / "results"
 RECORDED_TASKS = {"passkey": passkey_accuracy, "needle": needle_accuracy}
 
 

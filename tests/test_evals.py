@@ -192,9 +192,9 @@ def test_generate_answer_matches_transformers(smollm, smollm_hf):
 
 
 def test_passkey_1024_retrieved_at_every_depth(smollm):
-    # Measured (fp32, CPU): at 1,024 tokens, depths 0 / 0.5 / 1, keys from seeds 0 and 1, the key is
-    # the greedy continuation of "... The pass key is" + " " in every cell, with log-probability
-    # above -0.2 nats (p > 0.8) for the five digits together.
+    # Measured (fp32, CPU): at 1,024 tokens, depths 0 / 0.5 / 1, the key of seed 1 is the greedy
+    # continuation of "... The pass key is" + " " at every depth, log p(key) -0.08 to -0.10 nats;
+    # the key of seed 0 at 8,192 tokens, depth 0.5: -0.16 (data/results/evals_passkey.json).
     model, tokenizer = smollm
     rows = evals.passkey_accuracy(model, tokenizer, [1024], [0.0, 0.5, 1.0], trials=2, progress=False)
     assert [r["accuracy"] for r in rows] == [1.0, 1.0, 1.0]
@@ -217,10 +217,10 @@ def test_cache_factory_reaches_the_model(smollm):
 
 
 def test_needle_512_found(smollm):
-    # Measured: the San Francisco needle is recalled word for word at 512 and 1024 tokens, every depth.
+    # Measured: both keywords of the San Francisco needle are retrieved after the prefix at 2,048 tokens.
     model, tokenizer = smollm
     rows = evals.needle_accuracy(model, tokenizer, [512], [0.5], progress=False)
-    assert rows[0]["accuracy"] == 1.0 and "Dolores Park" in rows[0]["answers"][0]
+    assert rows[0]["accuracy"] == 1.0  # both keywords are the greedy choice after "Answer: You should"
 
 
 # ---- the retrieval scorer: forced answer prefix vs free generation ----------------------------
@@ -302,6 +302,7 @@ def test_probe_tokens_are_the_tokens_of_the_written_answer(tokenizer, build):
     if build == "passkey":
         probe = evals.passkey_probe(tokenizer, 200, 0.5, 68301)
         assert tokenizer.decode(probe.prefix) == " " and tokenizer.decode(probe.answer) == "68301"
+        assert len(probe.answer) == 5  # one token per digit, after a lone " " token (chapter 3's prose)
     elif build == "needle":
         probe, _ = evals.needle_probe(tokenizer, 200, 0.5)
         assert tokenizer.decode(probe.prefix + probe.answer) == " You should eat a sandwich and sit in Dolores Park"
@@ -333,6 +334,10 @@ def test_score_probe_matches_transformers(smollm, smollm_hf):
     assert ours["logprob"] == pytest.approx(want, abs=1e-3) and theirs["logprob"] == pytest.approx(want, abs=1e-3)
     assert ours["greedy"] == (logp[-n:].argmax(-1) == ids[0, -n:]).tolist() == theirs["greedy"]
     assert ours["answer"] == theirs["answer"]
+    top = logp[probe.prompt.shape[1] - 1].exp().topk(3)
+    probs = evals.next_token_probs(model, tokenizer, probe.prompt, k=3)
+    assert [t for t, _ in probs] == [tokenizer.decode([int(i)]) for i in top.indices]
+    assert [p for _, p in probs] == pytest.approx(top.values.tolist(), abs=1e-4)
 
 
 # ---- needles and validation ---------------------------------------------------------------------
@@ -383,3 +388,36 @@ def test_needle_prompt_rejects_an_unknown_needle(tokenizer):
 def test_grids_validate_before_running(grid, kwargs, match):
     with pytest.raises(ValueError, match=match):
         grid(None, None, progress=False, **kwargs)  # no model needed: the arguments are checked first
+
+
+def test_position_effects_call_a_difference_only_beyond_two_standard_errors():
+    def rows(accs, n):
+        return [{"pairs": 6, "position": p, "accuracy": a, "retrieved": [a] * n} for p, a in enumerate(accs)]
+
+    # the issue's numbers (4 trials): 1.00 / 0.50 / 0.25 / 0 / 0 / 0.25 is primacy, not a U
+    effects = evals.position_effects(rows([1.0, 0.5, 0.25, 0.0, 0.0, 0.25], 4))
+    assert effects["middle"] == pytest.approx(0.1875) and effects["se"] == pytest.approx((1 / 16 + 1 / 64) ** 0.5)
+    assert effects["primacy"] and not effects["recency"]
+    assert not evals.position_effects(rows([1.0, 0.5, 0.25, 0.0, 0.0, 0.25], 1))["primacy"]  # one trial: noise
+    assert evals.position_effects(rows([1.0, 0.0, 0.0, 1.0], 20)) == {
+        "first": 1.0, "middle": 0.0, "last": 1.0, "se": pytest.approx((0.25 / 20 + 0.25 / 40) ** 0.5),
+        "primacy": True, "recency": True}
+    with pytest.raises(ValueError, match="pairs"):
+        evals.position_effects(rows([1, 0, 1], 2) + [{"pairs": 9, "position": 0, "accuracy": 1, "retrieved": [1]}])
+
+
+def test_recorded_passkey_is_retrieved_at_the_trained_context():
+    """Chapter 3 states it from data/results/evals_passkey.json (python -m lectlib.evals record passkey)."""
+    record = evals.load_record("passkey")
+    assert {"machine", "date", "versions", "settings", "model"} <= set(record)
+    longest = [r for r in record["rows"] if r["length"] == 8192]
+    assert longest and all(r["accuracy"] == 1.0 and r["logprob_min"] > -0.5 for r in longest)
+    assert all(8186 <= r["tokens"] <= 8192 for r in longest)
+    with pytest.raises(ValueError, match="record"):
+        evals.load_record("passkey", path="/nonexistent/evals_passkey.json")
+
+
+def test_recorded_needle_is_retrieved():
+    """data/results/evals_needle.json (python -m lectlib.evals record needle): both keywords retrieved."""
+    record = evals.load_record("needle")
+    assert record["rows"] and all(r["accuracy"] == 1.0 and r["tokens"] == r["length"] for r in record["rows"])
