@@ -352,3 +352,12 @@ def test_rope_buckets_record_on_smollm2_matches_chunked_perplexity(smollm):
     assert rec["nll_per_bin"]["dynamic"] == rec["nll_per_bin"]["default"]
     assert rec["nll_per_bin"]["linear"] != pytest.approx(rec["nll_per_bin"]["default"], abs=1e-3)
     assert model.config.rope_scaling is None
+
+
+def test_passkey_with_skipped_positions_is_scored_on_the_key(smollm):
+    """Without a skip SmolLM2 writes the key after the forced space (the free answer may start with a word)."""
+    model, tokenizer = smollm
+    result = lengths.pose_passkey(model, tokenizer, length=128, offsets=[0], original=8192, factor=4.0,
+                                  methods=("default",), trials=1)
+    assert result["default"]["accuracy"] == [1.0] and -5 < result["default"]["logprob"][0] <= 0
+    assert model.config.rope_scaling is None
