@@ -4,6 +4,8 @@ Modules, by concern:
     runtime    device and experiment scale (ci / book / gpu)
     data       the long text (King James Bible) as text, tokens and windows
     positions  rotary position embeddings and their extensions
+    lengths    length generalisation: perplexity by position under each RoPE scaling
+    tiny       the tiny KJV Llama trained here at 128 tokens (chapters 2 and 4)
     attention  attention functions, all (B, H, N, D) like torch SDPA
     kv         the KV cache and its eviction policies
     llama      a from-scratch Llama with pluggable attention and cache

@@ -61,8 +61,8 @@ def window(tokenizer, n: int, start: int = 0) -> torch.Tensor:
 
 
 # Genesis 1 is among the most quoted texts in English: SmolLM2 predicts it from memory (perplexity
-# about 3 on its first 1,024 tokens against 8-9 for Leviticus or Jeremiah). Experiments about
-# reading long text run on Jeremiah, a long prophetic book (about 56k tokens) quoted far less.
+# 3.4 on its first 1,024 tokens, against 8.0 for Leviticus 1 and 13.0 for Jeremiah 1). Experiments
+# about reading long text run on Jeremiah, a long prophetic book (57,643 tokens) quoted far less.
 UNSEEN_SPAN = "Jeremiah 1"
 
 

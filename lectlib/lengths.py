@@ -132,6 +132,8 @@ def rope_buckets_record(model: Llama, tokenizer, *, length: int, bin_size: int =
     factor defaults to length / L (the smallest stretch that covers the span; 1 inside L). Returns a
     record: settings, the span, and per method the mean NLL per bin of `bin_size` positions and seconds.
     """
+    if length <= 0 or bin_size <= 0:
+        raise ValueError(f"length and bin_size must be positive, got length={length}, bin_size={bin_size}")
     trained = model.config.max_positions
     factor = max(1.0, length / trained) if factor is None else factor
     ids = data.unseen_span(tokenizer, length + 1)

@@ -68,7 +68,7 @@ CONTEXT_WINDOWS: list[tuple[str, int, int]] = [
     ("GPT-3", 2020, 2048),
     ("Llama-1", 2023, 2048),
     ("Llama-2", 2023, 4096),
-    ("GPT-4", 2023, 32768),
+    ("GPT-4 (8K)", 2023, 8192),  # at launch; a 32K variant (gpt-4-32k) was sold beside it
     ("Claude-2", 2023, 100_000),
     ("GPT-4 Turbo", 2023, 128_000),
     ("Llama-3", 2024, 8192),

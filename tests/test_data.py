@@ -55,3 +55,40 @@ def test_perplexity_validates_input(smollm):
         evals.perplexity(smollm[0], torch.tensor([[5]]))
     with pytest.raises(ValueError, match=r"\(1, N\)"):
         evals.perplexity(smollm[0], torch.tensor([[5, 6], [7, 8]]))
+
+
+class _Planted:
+    def __reduce__(self):
+        return exec, ("import builtins; builtins._lectlib_planted_tokens = True",)
+
+
+class _FakeTokenizer:
+    """Just enough of a tokenizer for the token cache's key."""
+
+    def __len__(self):
+        return 7
+
+    def encode(self, text, **kwargs):
+        return [len(word) for word in text.split()]
+
+
+def test_token_cache_refuses_a_planted_pickle(tmp_path, monkeypatch):
+    import builtins
+    import pickle
+
+    monkeypatch.setenv("LECTLIB_CACHE", str(tmp_path))
+    tok = _FakeTokenizer()
+    torch.save(_Planted(), tmp_path / f"kjv-tokens-{data._tokenizer_key(tok)}.pt")
+    with pytest.raises(pickle.UnpicklingError):
+        data.tokens(tok)
+    assert not hasattr(builtins, "_lectlib_planted_tokens")
+
+
+def test_unseen_span_is_jeremiah_from_its_first_verse(smollm):
+    _, tok = smollm
+    assert data.heading_start(tok, "Genesis 1") == 0
+    span = data.unseen_span(tok, 12)
+    assert tok.decode(span[0]).strip().startswith("Jeremiah 1\n\n1 The words of")
+    assert torch.equal(span, data.window(tok, 12, start=data.heading_start(tok, data.UNSEEN_SPAN)))
+    with pytest.raises(ValueError, match="'Jeremiah 99'"):
+        data.heading_start(tok, "Jeremiah 99")

@@ -338,3 +338,26 @@ def test_smollm2_with_skipped_positions_breaks_with_plain_rope_only(smollm):
     assert ppl["default"][1] > 4 * ppl["default"][0]
     for method in ("ntk", "dynamic", "yarn"):
         assert ppl[method][1] < 1.6 * ppl[method][0] and ppl[method][1] < ppl["default"][1] / 3
+
+
+def test_rope_buckets_record_on_smollm2_matches_chunked_perplexity(smollm):
+    """The recorder behind chapter 2's figure: its plain-RoPE NLL per bin equals evals.token_nlls (a KV-cache
+    implementation) over the same span, dynamic NTK is plain RoPE inside the trained length, PI is not."""
+    from lectlib import data, evals
+    model, tokenizer = smollm
+    rec = lengths.rope_buckets_record(model, tokenizer, length=64, bin_size=32, factor=2.0, progress=False)
+    assert rec["span"] == data.UNSEEN_SPAN and rec["trained_length"] == 8192 and set(rec["nll_per_bin"]) == set(P.ROPE_TYPES)
+    oracle = evals.token_nlls(model, data.unseen_span(tokenizer, 65), chunk=16)
+    assert rec["nll_per_bin"]["default"] == pytest.approx([oracle[:32].mean().item(), oracle[32:].mean().item()], abs=1e-3)
+    assert rec["nll_per_bin"]["dynamic"] == rec["nll_per_bin"]["default"]
+    assert rec["nll_per_bin"]["linear"] != pytest.approx(rec["nll_per_bin"]["default"], abs=1e-3)
+    assert model.config.rope_scaling is None
+
+
+def test_passkey_with_skipped_positions_is_scored_on_the_key(smollm):
+    """Without a skip SmolLM2 writes the key after the forced space (the free answer may start with a word)."""
+    model, tokenizer = smollm
+    result = lengths.pose_passkey(model, tokenizer, length=128, offsets=[0], original=8192, factor=4.0,
+                                  methods=("default",), trials=1)
+    assert result["default"]["accuracy"] == [1.0] and -5 < result["default"]["logprob"][0] <= 0
+    assert model.config.rope_scaling is None
