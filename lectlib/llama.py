@@ -41,6 +41,10 @@ class LlamaConfig:
     rope_scaling: dict | None = field(default=None)
 
     def __post_init__(self):
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden_dim", "max_positions"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}")
 
@@ -153,7 +157,9 @@ class Llama(nn.Module):
             raise ValueError(f"input_ids must be a (batch, seq) tensor of token ids, got {shape}")
         if input_ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"input_ids must hold integer token ids (int64), got dtype {input_ids.dtype}")
-        if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size):
+        if input_ids.numel() == 0:
+            raise ValueError(f"input_ids must hold at least one token, got shape {tuple(input_ids.shape)}")
+        if input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size:
             raise ValueError(f"input_ids must lie in [0, {self.config.vocab_size}), "
                              f"got values in [{input_ids.min().item()}, {input_ids.max().item()}]")
         if positions is not None and (positions.dim() != 1 or positions.shape[0] != input_ids.shape[1]):
@@ -167,7 +173,7 @@ class Llama(nn.Module):
             start = 0 if cache is None else cache.seen
             positions = torch.arange(start, start + n, device=input_ids.device)
         c = self.config
-        longest = int(positions.max()) + 1 if n else 0
+        longest = int(positions.max()) + 1
         rope = rope_parameters(c.head_dim, c.rope_theta, c.rope_scaling, longest)
         rope = (rope[0].to(input_ids.device), rope[1])
         x = self.embed_tokens(input_ids)
@@ -189,7 +195,14 @@ class Llama(nn.Module):
 @torch.no_grad()
 def greedy_decode(step, input_ids: torch.Tensor, max_new_tokens: int, *, eos_token_id: int | None = None) -> torch.Tensor:
     """Greedy decoding through `step`, which maps new tokens (B, n) to logits (B, n, vocab) and keeps
-    its own state (a KV cache, SSM states): (B, N) prompt -> (B, <= max_new_tokens) new tokens."""
+    its own state (a KV cache, SSM states): (B, N) prompt -> (B, <= max_new_tokens) new tokens.
+    max_new_tokens=0 gives (B, 0) without running the model."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be a (batch, seq) tensor of token ids, got {getattr(input_ids, 'shape', input_ids)!r}")
+    if max_new_tokens == 0:
+        return input_ids.new_empty((input_ids.shape[0], 0))
     logits = step(input_ids)[:, -1]
     new = []
     for _ in range(max_new_tokens):
