@@ -64,6 +64,21 @@ class LlamaConfig:
                    rope_scaling=scaling)
 
 
+def check_token_ids(input_ids, vocab_size: int) -> None:
+    """ValueError unless input_ids is a (batch, seq) integer tensor of at least one token, each in
+    [0, vocab_size): the input check of every language model here (Llama, Mamba, Jamba)."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise ValueError(f"input_ids must be a (batch, seq) tensor of token ids, got {shape}")
+    if input_ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"input_ids must hold integer token ids (int64), got dtype {input_ids.dtype}")
+    if input_ids.numel() == 0:
+        raise ValueError(f"input_ids must hold at least one token, got shape {tuple(input_ids.shape)}")
+    if input_ids.min() < 0 or input_ids.max() >= vocab_size:
+        raise ValueError(f"input_ids must lie in [0, {vocab_size}), "
+                         f"got values in [{input_ids.min().item()}, {input_ids.max().item()}]")
+
+
 class RMSNorm(nn.Module):
     """x / sqrt(mean(x²) + eps) · w (Zhang & Sennrich 2019), computed in fp32."""
 
@@ -152,16 +167,7 @@ class Llama(nn.Module):
             self.layers[i].self_attn.attn_fn = attn_fn
 
     def _check_input(self, input_ids: torch.Tensor, positions) -> None:
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-            shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
-            raise ValueError(f"input_ids must be a (batch, seq) tensor of token ids, got {shape}")
-        if input_ids.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"input_ids must hold integer token ids (int64), got dtype {input_ids.dtype}")
-        if input_ids.numel() == 0:
-            raise ValueError(f"input_ids must hold at least one token, got shape {tuple(input_ids.shape)}")
-        if input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size:
-            raise ValueError(f"input_ids must lie in [0, {self.config.vocab_size}), "
-                             f"got values in [{input_ids.min().item()}, {input_ids.max().item()}]")
+        check_token_ids(input_ids, self.config.vocab_size)
         if positions is not None and (positions.dim() != 1 or positions.shape[0] != input_ids.shape[1]):
             raise ValueError(f"positions must be ({input_ids.shape[1]},), one per token, got {tuple(positions.shape)}")
 

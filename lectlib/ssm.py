@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .llama import RMSNorm, greedy_decode
+from .llama import RMSNorm, check_token_ids, greedy_decode
 
 SCANS = ("parallel", "sequential", "triton")
 
@@ -179,6 +179,10 @@ class MambaConfig:
     tie_embeddings: bool = True
 
     def __post_init__(self):
+        for name in ("vocab_size", "d_model", "n_layers", "d_state", "d_conv", "expand"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
         if self.scan not in SCANS:
             raise ValueError(f"scan must be one of {SCANS}, got {self.scan!r}")
         if self.dt_rank is None:
@@ -333,9 +337,7 @@ class MambaLM(nn.Module):
         self.config.scan = method
 
     def forward(self, input_ids: torch.Tensor, state: MambaState | None = None) -> torch.Tensor:
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.int64,
-                                                                                                        torch.int32):
-            raise ValueError(f"input_ids must be a (batch, seq) integer tensor, got {getattr(input_ids, 'shape', None)}")
+        check_token_ids(input_ids, self.config.vocab_size)
         x = self.backbone.embeddings(input_ids)
         for i, block in enumerate(self.backbone.layers):
             layer_state = None
@@ -352,6 +354,7 @@ class MambaLM(nn.Module):
     def step_sizes(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Δ of every layer, token and channel: (n_layers, B, L, d_inner). Large Δ: reset the state
         and take in this token; small Δ: keep the state and ignore it."""
+        check_token_ids(input_ids, self.config.vocab_size)
         x = self.backbone.embeddings(input_ids)
         deltas = []
         for block in self.backbone.layers:
