@@ -41,7 +41,8 @@ class LlamaConfig:
     rope_scaling: dict | None = field(default=None)
 
     def __post_init__(self):
-        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden_dim", "max_positions"):
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden_dim",
+                     "max_positions"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -106,6 +107,9 @@ class Attention(nn.Module):
         self.attn_fn = sdpa_attention
 
     def forward(self, x, positions, rope, cache: KVCache | None):
+        """(B, N, dim) -> (B, N, dim): project, rotate q and k by their positions, attend through the cache.
+
+        Shown in chapter 0."""
         B, N, _ = x.shape
         hd = self.config.head_dim
         q = self.q_proj(x).view(B, N, -1, hd).transpose(1, 2)  # (B, H, N, hd)
@@ -206,7 +210,8 @@ def greedy_decode(step, input_ids: torch.Tensor, max_new_tokens: int, *, eos_tok
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be a (batch, seq) tensor of token ids, got {getattr(input_ids, 'shape', input_ids)!r}")
+        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise ValueError(f"input_ids must be a (batch, seq) tensor of token ids, got {shape}")
     if max_new_tokens == 0:
         return input_ids.new_empty((input_ids.shape[0], 0))
     logits = step(input_ids)[:, -1]

@@ -87,7 +87,9 @@ def _check_positive(**values) -> None:
 
 def kv_cache_bytes(*, n_layers: int, n_kv_heads: int, head_dim: int, seq_len: int,
                    batch_size: int = 1, bytes_per_element: int = 2) -> int:
-    """Bytes of a KV cache: 2 (K and V) · layers · KV heads · head_dim · bytes · tokens · batch."""
+    """Bytes of a KV cache: 2 (K and V) · layers · KV heads · head_dim · bytes · tokens · batch.
+
+    Shown in chapter 0."""
     _check_positive(n_layers=n_layers, n_kv_heads=n_kv_heads, head_dim=head_dim, seq_len=seq_len,
                     batch_size=batch_size, bytes_per_element=bytes_per_element)
     return 2 * n_layers * n_kv_heads * head_dim * bytes_per_element * seq_len * batch_size

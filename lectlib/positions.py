@@ -41,7 +41,7 @@ def _check_length(name: str, value) -> None:
 
 
 def rope_inv_freq(head_dim: int, base: float = 10000.0) -> torch.Tensor:
-    """(D/2,) the rotation frequencies θ_i = base^(-2i/D), in radians per position. Shown in chapter 2."""
+    """(D/2,) the rotation frequencies θ_i = base^(-2i/D), in radians per position."""
     if isinstance(head_dim, bool) or not isinstance(head_dim, numbers.Integral) or head_dim % 2 or head_dim <= 0:
         raise ValueError(f"head_dim must be a positive even number for RoPE, got {head_dim!r}")
     _check_number("base", base, above=1)
@@ -60,14 +60,18 @@ def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, attention_fact
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """(x1, x2) -> (-x2, x1) on the two halves of the last dimension."""
+    """(x1, x2) -> (-x2, x1) on the two halves of the last dimension.
+
+    Shown in chapter 2."""
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([-x2, x1], dim=-1)
 
 
 def apply_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
                attention_factor: float = 1.0) -> torch.Tensor:
-    """Rotate x (B, H, N, D) by its positions (N,) or (B, N): x·cos + rotate_half(x)·sin."""
+    """Rotate x (B, H, N, D) by its positions (N,) or (B, N): x·cos + rotate_half(x)·sin.
+
+    Shown in chapter 2."""
     if x.dim() != 4:
         raise ValueError(f"x must be (B, H, N, D), got shape {tuple(x.shape)}")
     if positions.shape[-1] != x.shape[2]:
@@ -98,10 +102,13 @@ def linear_inv_freq(head_dim: int, base: float, factor: float) -> torch.Tensor:
 
 
 def ntk_base(head_dim: int, base: float, factor: float) -> float:
-    """NTK-aware base b' = b·s^(D/(D-2)): the slowest pair θ_{D/2-1} is divided by exactly s."""
+    """NTK-aware base b' = b·s^(D/(D-2)): the slowest pair θ_{D/2-1} is divided by exactly s.
+
+    Shown in chapter 2."""
     _check_factor(factor)
     if isinstance(head_dim, bool) or not isinstance(head_dim, numbers.Integral) or head_dim < 4 or head_dim % 2:
-        raise ValueError(f"head_dim must be an even number >= 4 for NTK-aware scaling (b·s^(D/(D-2))), got {head_dim!r}")
+        raise ValueError(f"head_dim must be an even number >= 4 for NTK-aware scaling (b·s^(D/(D-2))), "
+                         f"got {head_dim!r}")
     return base * factor ** (head_dim / (head_dim - 2))
 
 
@@ -159,7 +166,9 @@ def yarn_ramp(head_dim: int, base: float, original_max_position_embeddings: int,
 
 def yarn_inv_freq(head_dim: int, base: float, factor: float, original_max_position_embeddings: int,
                   beta_fast: float = 32, beta_slow: float = 1, truncate: bool = True) -> torch.Tensor:
-    """YaRN's "NTK-by-parts" frequencies: θ'_i = (1 - γ_i)·θ_i + γ_i·θ_i / s."""
+    """YaRN's "NTK-by-parts" frequencies: θ'_i = (1 - γ_i)·θ_i + γ_i·θ_i / s.
+
+    Shown in chapter 2."""
     _check_factor(factor)
     theta = rope_inv_freq(head_dim, base)
     ramp = yarn_ramp(head_dim, base, original_max_position_embeddings, beta_fast, beta_slow, truncate)
@@ -190,6 +199,8 @@ def rope_parameters(head_dim: int, base: float, scaling: dict | None, seq_len: i
     (or type), factor, original_max_position_embeddings (dynamic, yarn), beta_fast, beta_slow,
     attention_factor, mscale, mscale_all_dim, truncate (yarn). "ntk" (static NTK-aware) is not a
     transformers rope_type; it equals transformers' "dynamic" evaluated at n = s·L with factor 1.
+
+    Shown in chapter 2.
     """
     rope_type = "default" if scaling is None else scaling.get("rope_type", scaling.get("type", "default"))
     if rope_type not in ROPE_TYPES:

@@ -58,6 +58,8 @@ def selective_scan_step(h, x, delta, A, B, C, D=None):
 
     h (B, D, N) the state before; x, delta (B, D) this token's input and step size; A (D, N);
     B, C (B, N); D (D,) or None. Returns (y (B, D), h (B, D, N)).
+
+    Shown in chapter 8.
     """
     h = torch.exp(delta[..., None] * A) * h + (delta * x)[..., None] * B[:, None, :]
     y = torch.einsum("bdn,bn->bd", h, C)
@@ -76,7 +78,9 @@ def _finish(y, x, D, z):
 
 
 def selective_scan_sequential(x, delta, A, B, C, D=None, z=None, *, h0=None):
-    """The reference: `selective_scan_step` for t = 1 … L. Returns (y (B, L, D), h_L (B, D, N))."""
+    """The reference: `selective_scan_step` for t = 1 … L. Returns (y (B, L, D), h_L (B, D, N)).
+
+    Shown in chapter 8."""
     check_scan_inputs(x, delta, A, B, C, D, z, h0)
     h = x.new_zeros(x.shape[0], x.shape[2], A.shape[1]) if h0 is None else h0
     ys = []
@@ -92,6 +96,8 @@ def scan_combine(first, second):
 
     (a₁, b₁) then (a₂, b₂) is h ↦ a₂ (a₁ h + b₁) + b₂, i.e. (a₁ a₂, a₂ b₁ + b₂). Associativity
     lets a parallel scan group the steps in any tree; elementwise on tensors of any shape.
+
+    Shown in chapter 8.
     """
     a1, b1 = first
     a2, b2 = second
@@ -106,6 +112,8 @@ def linear_scan(a, b):
     recover each even state from the odd state before it. O(L) work, O(log L) depth, and every
     operation is a tensor op over the whole sequence, so autograd differentiates it.
     a, b: (B, L, ...) of the same shape. Returns h (B, L, ...).
+
+    Shown in chapter 8.
     """
     length = a.shape[1]
     if length == 1:
@@ -275,6 +283,7 @@ class MambaMixer(nn.Module):
         return F.silu(self.conv(x.transpose(1, 2), state).transpose(1, 2)), z
 
     def forward(self, hidden: torch.Tensor, state: MambaLayerState | None = None) -> torch.Tensor:
+        """(B, L, d_model) -> (B, L, d_model): conv, selective scan, gate, project out. Shown in chapter 8."""
         x, z = self.ssm_input(hidden, state)
         delta, B, C = self.ssm_parameters(x)
         A = -torch.exp(self.A_log.float())  # (D, N)

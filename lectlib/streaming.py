@@ -131,6 +131,8 @@ def sink_scores(weights, token: int = 0) -> torch.Tensor:
     """(L, H) α = mean attention to `token` over the queries that see it (t >= token), per head.
 
     Gu et al. 2024, eq. (2): α_k^{l,h} = 1/(T-k+1) Σ_{t=k}^{T} A^{l,h}_{t,k}.
+
+    Shown in chapter 4.
     """
     w = _stack(weights)
     if not 0 <= token < w.shape[-1]:
@@ -229,6 +231,8 @@ def sink_window_attention(*, sinks: int, window: int, inv_freq: torch.Tensor, po
 
     `gap` (text positions only) puts the sinks `gap` positions further from every query that
     sees them, as in a stream `gap` tokens longer: how text positions age as a stream runs on.
+
+    Shown in chapter 4.
     """
     if positions not in POSITION_MODES:
         raise ValueError(f"positions must be one of {POSITION_MODES}, got {positions!r}")
