@@ -13,10 +13,11 @@ Conventions shared by every function here (and by `lectlib.flash`):
   l = Σ exp(s - m), and output o; `online_softmax_step`, `merge_attention_blocks` and the
   kernel's `flash.block_step` take and return it in that order;
 - a row whose keys are all masked (or all score -inf) returns zeros: no key has any weight;
-- non-finite inputs are never turned into numbers: as in torch SDPA, a row whose scores hold a
-  NaN (a NaN or inf in its query or in a key it sees) or a +inf, or that reads a non-finite
-  value, is NaN. A non-finite value vector may also spoil rows that do not see it (0·NaN is
-  NaN in P·V), as it may in SDPA.
+- non-finite inputs are never turned into numbers (the softmax formula's own behaviour): a row
+  whose scores hold a NaN (a NaN or inf in its query or in a key it sees) or a +inf, or that
+  reads a non-finite value, is NaN, and a NaN or inf in q or k spoils no other row. A non-finite
+  value vector may also spoil rows that do not see it (0·NaN is NaN in P·V). `sdpa_attention`
+  is torch's kernel and does what it does (on a CPU it can return a finite row for a NaN query).
 """
 
 import math
