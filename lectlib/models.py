@@ -105,6 +105,7 @@ def _write_checksum(weights: Path) -> None:
         return
     with os.fdopen(fd, "w") as f:
         json.dump(record, f)
+    os.chmod(tmp, 0o644)  # mkstemp makes it private; the weights beside it are readable
     os.replace(tmp, weights.parent / CHECKSUM)
 
 
