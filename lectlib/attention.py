@@ -13,10 +13,11 @@ Conventions shared by every function here (and by `lectlib.flash`):
   l = Σ exp(s - m), and output o; `online_softmax_step`, `merge_attention_blocks` and the
   kernel's `flash.block_step` take and return it in that order;
 - a row whose keys are all masked (or all score -inf) returns zeros: no key has any weight;
-- non-finite inputs are never turned into numbers: as in torch SDPA, a row whose scores hold a
-  NaN (a NaN or inf in its query or in a key it sees) or a +inf, or that reads a non-finite
-  value, is NaN. A non-finite value vector may also spoil rows that do not see it (0·NaN is
-  NaN in P·V), as it may in SDPA.
+- non-finite inputs are never turned into numbers (the softmax formula's own behaviour): a row
+  whose scores hold a NaN (a NaN or inf in its query or in a key it sees) or a +inf, or that
+  reads a non-finite value, is NaN, and a NaN or inf in q or k spoils no other row. A non-finite
+  value vector may also spoil rows that do not see it (0·NaN is NaN in P·V). `sdpa_attention`
+  is torch's kernel and does what it does (on a CPU it can return a finite row for a NaN query).
 """
 
 import math
@@ -126,6 +127,8 @@ def naive_attention(q, k, v, *, causal: bool = False, scale: float | None = None
 
     Materializes the (B, H, N_q, N_k) score matrix: O(N²) memory. Returns (B, H, N_q, D) in the
     input dtype, computed in fp32. A row whose keys are all masked returns zeros.
+
+    Shown in chapters 0 and 1.
     """
     dtype = getattr(q, "dtype", None)  # the output is returned in the input dtype
     q, k, v, scale = _prepare(q, k, v, scale)
@@ -145,6 +148,8 @@ def online_softmax_step(m, l, o, s, v):
     Shapes: m, l, s (...,); o, v (..., D). The state starts at m = -inf, l = 0, o = 0. A key with
     s = -inf (masked) changes nothing; while every key so far is masked the output stays 0.
     Returns (m', l', o').
+
+    Shown in chapter 1.
     """
     m_new = torch.maximum(m, s)
     # Subtracting a max of -inf would give -inf - (-inf) = nan; all weights are 0 then anyway.
@@ -162,6 +167,8 @@ def online_softmax_attention(q, k, v, *, causal: bool = False, scale: float | No
     of `online_softmax_step`; no N_q x N_k matrix exists, not even the causal mask (one column
     of it per key). One key per step, so it is slow: it is written to be read, and
     `blockwise_attention` is the same idea a block at a time.
+
+    Shown in chapter 1.
     """
     dtype = getattr(q, "dtype", None)  # the output is returned in the input dtype
     q, k, v, scale = _prepare(q, k, v, scale)
@@ -190,6 +197,8 @@ def merge_attention_blocks(m_a, l_a, o_a, m_b, l_b, o_b):
 
     Keeping the max apart from l (rather than one log-sum-exp m + log l) keeps the weights exact
     when scores are large: m_a - m' is a difference of two scores. Returns (m', l', o').
+
+    Shown in chapter 1.
     """
     m = torch.maximum(m_a, m_b)
     m_ref = m.masked_fill(m == float("-inf"), 0.0)
@@ -208,6 +217,8 @@ def blockwise_attention(q, k, v, *, causal: bool = False, scale: float | None = 
     extra memory is O(N_q · block_size), linear in N, against naive attention's O(N_q · N_k).
     With `return_lse`, also returns each query's log-sum-exp of scores (B, H, N_q), fp32 (fp64
     for fp64), -inf where it sees no key.
+
+    Shown in chapter 1.
     """
     if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")

@@ -9,6 +9,8 @@ ready for a model.
 import functools
 import gzip
 import hashlib
+import os
+import pickle
 from pathlib import Path
 
 import torch
@@ -42,12 +44,14 @@ def tokens(tokenizer) -> torch.Tensor:
     key = _tokenizer_key(tokenizer)
     if key not in _TOKENS:
         path = cache_dir() / f"kjv-tokens-{key}.pt"
-        if path.exists():
-            _TOKENS[key] = torch.load(path, weights_only=True)  # tensors only: a planted file cannot run code
-        else:
+        try:  # weights_only: a planted pickle cannot run code; a damaged file is re-encoded
+            _TOKENS[key] = torch.load(path, weights_only=True)
+        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError):
             ids = torch.tensor(tokenizer.encode(text()), dtype=torch.int64)
             path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(ids, path)
+            partial = path.with_name(f"{path.name}.{os.getpid()}.partial")  # concurrent writers never mix
+            torch.save(ids, partial)
+            os.replace(partial, path)
             _TOKENS[key] = ids
     return _TOKENS[key]
 

@@ -40,6 +40,8 @@ def block_step(m_i, l_i, acc, s, v):
     divided by l; s (BLOCK_M, BLOCK_N) scores already multiplied by scale·log2(e), -inf where
     masked; v (BLOCK_N, BLOCK_D) values. Returns (m_i, l_i, acc) updated:
     m' = max(m, rowmax s), p = 2^(s - m'), l' = 2^(m - m')·l + rowsum p, acc' = 2^(m - m')·acc + p v.
+
+    Shown in chapter 1.
     """
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # A row that has seen only masked keys keeps m = -inf; use 0 there so that -inf - m is not nan.
@@ -69,6 +71,7 @@ def _load_block(base, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, UPCAST: tl.c
 def _forward_blocks(q, k_base, v_base, m_i, l_i, acc, offs_m, offs_d, lo, hi, n_k, offset, qk_scale,
                     STEP: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
                     BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
+    """Fold the key blocks lo .. hi into the state (m_i, l_i, acc) of one query block. Shown in chapter 1."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_block(k_base, offs_n, n_k, offs_d, HEAD_DIM, UPCAST)
@@ -88,6 +91,9 @@ def _forward_blocks(q, k_base, v_base, m_i, l_i, acc, offs_m, offs_d, lo, hi, n_
 def _forward_kernel(Q, K, V, O, LSE, qk_scale, n_q, n_k, H, GROUP,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     CAUSAL: tl.constexpr, STEP: tl.constexpr, UPCAST: tl.constexpr):
+    """One program: BLOCK_M queries of one (batch, head) against the keys they see; writes O and the lse.
+
+    Shown in chapter 1."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     # GQA: query head h reads KV head h // GROUP of the same batch element.
@@ -179,7 +185,9 @@ def _backward_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, qk_scale, scale, n_q,
 def _backward_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, qk_scale, scale, n_q, n_k, H, GROUP,
                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr):
-    """dQ = scale · dS K for one query block, over the key blocks it sees."""
+    """dQ = scale · dS K for one query block, over the key blocks it sees.
+
+    Shown in chapter 1."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     kv_bh = (pid_bh // H) * (H // GROUP) + (pid_bh % H) // GROUP

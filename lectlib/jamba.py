@@ -22,7 +22,7 @@ from torch import nn
 from . import memory
 from .attention import sdpa_attention
 from .kv import KVCache
-from .llama import MLP, LlamaConfig, RMSNorm, greedy_decode
+from .llama import MLP, LlamaConfig, RMSNorm, check_token_ids, greedy_decode
 from .ssm import MambaConfig, MambaMixer, MambaState
 
 
@@ -50,6 +50,11 @@ class JambaConfig:
     tie_embeddings: bool = True
 
     def __post_init__(self):
+        for name in ("vocab_size", "d_model", "n_layers", "n_experts", "n_heads", "n_kv_heads", "hidden_dim", "d_state",
+                     "d_conv", "expand"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
         if self.d_model % self.n_heads or self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} must divide d_model={self.d_model} and be a multiple of "
                              f"n_kv_heads={self.n_kv_heads}")
@@ -209,8 +214,7 @@ class Jamba(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor, state: HybridState | None = None) -> torch.Tensor:
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be a (batch, seq) integer tensor, got {getattr(input_ids, 'shape', None)}")
+        check_token_ids(input_ids, self.config.vocab_size)
         x = self.embed_tokens(input_ids)
         for layer in self.layers:
             x = layer(x, state)

@@ -41,6 +41,11 @@ class LlamaConfig:
     rope_scaling: dict | None = field(default=None)
 
     def __post_init__(self):
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden_dim",
+                     "max_positions"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}")
 
@@ -58,6 +63,21 @@ class LlamaConfig:
                    hidden_dim=hf.intermediate_size, norm_eps=hf.rms_norm_eps, rope_theta=theta,
                    max_positions=hf.max_position_embeddings, tie_embeddings=hf.tie_word_embeddings,
                    rope_scaling=scaling)
+
+
+def check_token_ids(input_ids, vocab_size: int) -> None:
+    """ValueError unless input_ids is a (batch, seq) integer tensor of at least one token, each in
+    [0, vocab_size): the input check of every language model here (Llama, Mamba, Jamba)."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise ValueError(f"input_ids must be a (batch, seq) tensor of token ids, got {shape}")
+    if input_ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"input_ids must hold integer token ids (int64), got dtype {input_ids.dtype}")
+    if input_ids.numel() == 0:
+        raise ValueError(f"input_ids must hold at least one token, got shape {tuple(input_ids.shape)}")
+    if input_ids.min() < 0 or input_ids.max() >= vocab_size:
+        raise ValueError(f"input_ids must lie in [0, {vocab_size}), "
+                         f"got values in [{input_ids.min().item()}, {input_ids.max().item()}]")
 
 
 class RMSNorm(nn.Module):
@@ -87,6 +107,9 @@ class Attention(nn.Module):
         self.attn_fn = sdpa_attention
 
     def forward(self, x, positions, rope, cache: KVCache | None):
+        """(B, N, dim) -> (B, N, dim): project, rotate q and k by their positions, attend through the cache.
+
+        Shown in chapter 0."""
         B, N, _ = x.shape
         hd = self.config.head_dim
         q = self.q_proj(x).view(B, N, -1, hd).transpose(1, 2)  # (B, H, N, hd)
@@ -148,14 +171,7 @@ class Llama(nn.Module):
             self.layers[i].self_attn.attn_fn = attn_fn
 
     def _check_input(self, input_ids: torch.Tensor, positions) -> None:
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-            shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
-            raise ValueError(f"input_ids must be a (batch, seq) tensor of token ids, got {shape}")
-        if input_ids.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"input_ids must hold integer token ids (int64), got dtype {input_ids.dtype}")
-        if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size):
-            raise ValueError(f"input_ids must lie in [0, {self.config.vocab_size}), "
-                             f"got values in [{input_ids.min().item()}, {input_ids.max().item()}]")
+        check_token_ids(input_ids, self.config.vocab_size)
         if positions is not None and (positions.dim() != 1 or positions.shape[0] != input_ids.shape[1]):
             raise ValueError(f"positions must be ({input_ids.shape[1]},), one per token, got {tuple(positions.shape)}")
 
@@ -167,7 +183,7 @@ class Llama(nn.Module):
             start = 0 if cache is None else cache.seen
             positions = torch.arange(start, start + n, device=input_ids.device)
         c = self.config
-        longest = int(positions.max()) + 1 if n else 0
+        longest = int(positions.max()) + 1
         rope = rope_parameters(c.head_dim, c.rope_theta, c.rope_scaling, longest)
         rope = (rope[0].to(input_ids.device), rope[1])
         x = self.embed_tokens(input_ids)
@@ -189,7 +205,15 @@ class Llama(nn.Module):
 @torch.no_grad()
 def greedy_decode(step, input_ids: torch.Tensor, max_new_tokens: int, *, eos_token_id: int | None = None) -> torch.Tensor:
     """Greedy decoding through `step`, which maps new tokens (B, n) to logits (B, n, vocab) and keeps
-    its own state (a KV cache, SSM states): (B, N) prompt -> (B, <= max_new_tokens) new tokens."""
+    its own state (a KV cache, SSM states): (B, N) prompt -> (B, <= max_new_tokens) new tokens.
+    max_new_tokens=0 gives (B, 0) without running the model."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise ValueError(f"input_ids must be a (batch, seq) tensor of token ids, got {shape}")
+    if max_new_tokens == 0:
+        return input_ids.new_empty((input_ids.shape[0], 0))
     logits = step(input_ids)[:, -1]
     new = []
     for _ in range(max_new_tokens):

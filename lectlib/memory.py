@@ -79,6 +79,7 @@ CONTEXT_WINDOWS: list[tuple[str, int, int]] = [
 
 
 def _check_positive(**values) -> None:
+    """ValueError naming the first value that is not a non-negative int."""
     for name, value in values.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ValueError(f"{name} must be a non-negative int, got {value!r}")
@@ -86,7 +87,9 @@ def _check_positive(**values) -> None:
 
 def kv_cache_bytes(*, n_layers: int, n_kv_heads: int, head_dim: int, seq_len: int,
                    batch_size: int = 1, bytes_per_element: int = 2) -> int:
-    """Bytes of a KV cache: 2 (K and V) · layers · KV heads · head_dim · bytes · tokens · batch."""
+    """Bytes of a KV cache: 2 (K and V) · layers · KV heads · head_dim · bytes · tokens · batch.
+
+    Shown in chapter 0."""
     _check_positive(n_layers=n_layers, n_kv_heads=n_kv_heads, head_dim=head_dim, seq_len=seq_len,
                     batch_size=batch_size, bytes_per_element=bytes_per_element)
     return 2 * n_layers * n_kv_heads * head_dim * bytes_per_element * seq_len * batch_size
@@ -117,6 +120,7 @@ def model_kv_cache_bytes(model: "str | ModelShape", seq_len: int, batch_size: in
 
 def ssm_state_bytes(model: "str | ModelShape", batch_size: int = 1, bytes_per_element: int = 2) -> int:
     """Bytes of the recurrent state of the Mamba layers: SSM state plus the causal-conv window."""
+    _check_positive(batch_size=batch_size, bytes_per_element=bytes_per_element)
     shape = preset(model)
     per_layer = shape.d_inner * (shape.d_state + max(shape.d_conv - 1, 0))
     return shape.ssm_layers * per_layer * bytes_per_element * batch_size
@@ -129,7 +133,9 @@ def cache_bytes(model: "str | ModelShape", seq_len: int, batch_size: int = 1, by
 
 
 def weight_bytes(model: "str | ModelShape", bytes_per_element: int = 2) -> int:
-    """Bytes of the weights at `bytes_per_element` per parameter."""
+    """Bytes of the weights at `bytes_per_element` per parameter (0.5 for 4-bit weights)."""
+    if isinstance(bytes_per_element, bool) or not isinstance(bytes_per_element, (int, float)) or not bytes_per_element >= 0:
+        raise ValueError(f"bytes_per_element must be a non-negative number, got {bytes_per_element!r}")
     return int(preset(model).params_billions * 1e9 * bytes_per_element)
 
 

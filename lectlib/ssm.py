@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .llama import RMSNorm, greedy_decode
+from .llama import RMSNorm, check_token_ids, greedy_decode
 
 SCANS = ("parallel", "sequential", "triton")
 
@@ -58,6 +58,8 @@ def selective_scan_step(h, x, delta, A, B, C, D=None):
 
     h (B, D, N) the state before; x, delta (B, D) this token's input and step size; A (D, N);
     B, C (B, N); D (D,) or None. Returns (y (B, D), h (B, D, N)).
+
+    Shown in chapter 8.
     """
     h = torch.exp(delta[..., None] * A) * h + (delta * x)[..., None] * B[:, None, :]
     y = torch.einsum("bdn,bn->bd", h, C)
@@ -76,7 +78,9 @@ def _finish(y, x, D, z):
 
 
 def selective_scan_sequential(x, delta, A, B, C, D=None, z=None, *, h0=None):
-    """The reference: `selective_scan_step` for t = 1 … L. Returns (y (B, L, D), h_L (B, D, N))."""
+    """The reference: `selective_scan_step` for t = 1 … L. Returns (y (B, L, D), h_L (B, D, N)).
+
+    Shown in chapter 8."""
     check_scan_inputs(x, delta, A, B, C, D, z, h0)
     h = x.new_zeros(x.shape[0], x.shape[2], A.shape[1]) if h0 is None else h0
     ys = []
@@ -92,6 +96,8 @@ def scan_combine(first, second):
 
     (a₁, b₁) then (a₂, b₂) is h ↦ a₂ (a₁ h + b₁) + b₂, i.e. (a₁ a₂, a₂ b₁ + b₂). Associativity
     lets a parallel scan group the steps in any tree; elementwise on tensors of any shape.
+
+    Shown in chapter 8.
     """
     a1, b1 = first
     a2, b2 = second
@@ -106,6 +112,8 @@ def linear_scan(a, b):
     recover each even state from the odd state before it. O(L) work, O(log L) depth, and every
     operation is a tensor op over the whole sequence, so autograd differentiates it.
     a, b: (B, L, ...) of the same shape. Returns h (B, L, ...).
+
+    Shown in chapter 8.
     """
     length = a.shape[1]
     if length == 1:
@@ -179,6 +187,10 @@ class MambaConfig:
     tie_embeddings: bool = True
 
     def __post_init__(self):
+        for name in ("vocab_size", "d_model", "n_layers", "d_state", "d_conv", "expand"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
         if self.scan not in SCANS:
             raise ValueError(f"scan must be one of {SCANS}, got {self.scan!r}")
         if self.dt_rank is None:
@@ -271,6 +283,7 @@ class MambaMixer(nn.Module):
         return F.silu(self.conv(x.transpose(1, 2), state).transpose(1, 2)), z
 
     def forward(self, hidden: torch.Tensor, state: MambaLayerState | None = None) -> torch.Tensor:
+        """(B, L, d_model) -> (B, L, d_model): conv, selective scan, gate, project out. Shown in chapter 8."""
         x, z = self.ssm_input(hidden, state)
         delta, B, C = self.ssm_parameters(x)
         A = -torch.exp(self.A_log.float())  # (D, N)
@@ -333,9 +346,7 @@ class MambaLM(nn.Module):
         self.config.scan = method
 
     def forward(self, input_ids: torch.Tensor, state: MambaState | None = None) -> torch.Tensor:
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.int64,
-                                                                                                        torch.int32):
-            raise ValueError(f"input_ids must be a (batch, seq) integer tensor, got {getattr(input_ids, 'shape', None)}")
+        check_token_ids(input_ids, self.config.vocab_size)
         x = self.backbone.embeddings(input_ids)
         for i, block in enumerate(self.backbone.layers):
             layer_state = None
@@ -352,6 +363,7 @@ class MambaLM(nn.Module):
     def step_sizes(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Δ of every layer, token and channel: (n_layers, B, L, d_inner). Large Δ: reset the state
         and take in this token; small Δ: keep the state and ignore it."""
+        check_token_ids(input_ids, self.config.vocab_size)
         x = self.backbone.embeddings(input_ids)
         deltas = []
         for block in self.backbone.layers:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .attention import causal_mask, check_qkv, repeat_kv
+from .attention import attention_probs, check_qkv, repeat_kv
 from .kv import POSITION_MODES, KVCache
 from .positions import apply_rope, rope_parameters
 
@@ -75,16 +75,11 @@ def attention_weights(model, input_ids: torch.Tensor, *, layers=None) -> Attenti
     def recorder(layer):
         def attend(q, k, v, *, causal=False, scale=None):
             check_qkv(q, k, v)
-            n_rep = q.shape[1] // k.shape[1]
-            scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-            s = (q @ repeat_kv(k, n_rep).transpose(-1, -2)) * scale
-            if causal:
-                s = s.masked_fill(~causal_mask(s.shape[-2], s.shape[-1], s.device), float("-inf"))
-            p = torch.softmax(s.float(), dim=-1).to(q.dtype)
+            p = attention_probs(q, k, causal=causal, scale=scale)  # (1, H, N, N), fp32
             if layer in wanted:
-                weights[layer] = p[0].cpu()
+                weights[layer] = p[0].to(q.dtype).cpu()
                 norms[layer] = v[0].norm(dim=-1).cpu()
-            return p @ repeat_kv(v, n_rep)
+            return (p @ repeat_kv(v, q.shape[1] // k.shape[1]).to(p.dtype)).to(q.dtype)
         return attend
 
     with _attention_swapped(model, recorder):
@@ -124,7 +119,11 @@ def recent_mass(weights, recent: int, *, first_query: int = 16) -> torch.Tensor:
 
 
 def uniform_mass(n: int, *, first_query: int = 16) -> float:
-    """What `attention_mass` on one token would be if every query spread evenly: mean of 1/(t+1)."""
+    """What `attention_mass` on one token would be if every query spread evenly: mean of 1/(t+1)
+    over the queries t = first_query .. n-1 (so n must exceed first_query, as in `attention_mass`)."""
+    if isinstance(n, bool) or not isinstance(n, int) or isinstance(first_query, bool) or not isinstance(first_query, int) \
+            or not 0 <= first_query < n:
+        raise ValueError(f"need 0 <= first_query < n (queries first_query .. n-1), got n={n!r}, first_query={first_query!r}")
     return sum(1.0 / (t + 1) for t in range(first_query, n)) / (n - first_query)
 
 
@@ -132,6 +131,8 @@ def sink_scores(weights, token: int = 0) -> torch.Tensor:
     """(L, H) α = mean attention to `token` over the queries that see it (t >= token), per head.
 
     Gu et al. 2024, eq. (2): α_k^{l,h} = 1/(T-k+1) Σ_{t=k}^{T} A^{l,h}_{t,k}.
+
+    Shown in chapter 4.
     """
     w = _stack(weights)
     if not 0 <= token < w.shape[-1]:
@@ -230,9 +231,14 @@ def sink_window_attention(*, sinks: int, window: int, inv_freq: torch.Tensor, po
 
     `gap` (text positions only) puts the sinks `gap` positions further from every query that
     sees them, as in a stream `gap` tokens longer: how text positions age as a stream runs on.
+
+    Shown in chapter 4.
     """
     if positions not in POSITION_MODES:
         raise ValueError(f"positions must be one of {POSITION_MODES}, got {positions!r}")
+    for name, value, least in (("sinks", sinks, 0), ("window", window, 1), ("block", block, 1), ("gap", gap, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
     if gap and positions != "text":
         raise ValueError(f"gap moves text positions; with positions={positions!r} it must be 0, got {gap}")
     capacity = sinks + window

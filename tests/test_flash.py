@@ -163,8 +163,41 @@ def test_triton_imported_before_lectlib_gets_a_clear_message_not_a_crash():
             "    ssm_triton.selective_scan_triton(x, x, torch.randn(2, 3), torch.randn(1, 4, 3), torch.randn(1, 4, 3))\n"
             "except RuntimeError as error:\n    print(error)\n"
             "print(flash.kernel_available(q.device))\n"
+            "try:\n    flash.forward(q, q, q)\nexcept RuntimeError as error:\n    print(error)\n"
             "print((flash.flash_attention(q, q, q) - attention.naive_attention(q, q, q)).abs().max().item())")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.startswith("selective_scan_triton: Triton was imported before TRITON_INTERPRET=1")
+    assert "flash.forward cannot run the Triton kernel here: Triton was imported before TRITON_INTERPRET=1" in out
     assert "blockwise_attention instead" in out and float(out.strip().splitlines()[-1]) < 1e-5
+
+
+@pytest.mark.parametrize("where", ["q nan", "k nan", "k inf", "v nan"])
+def test_nan_and_inf_follow_the_attention_conventions(where):
+    """lectlib.attention's documented behaviour in the kernel: a row that reads a NaN or inf is NaN
+    (for q and k, only those rows), rows that see no key are 0; causal, 12 queries x 9 keys."""
+    q, k, v = make(1, 2, 1, 12, 9, 16, seed=9)
+    t = {"q": q, "k": k, "v": v}[where[0]]
+    t[0, 0, 5 if where[0] == "q" else 4] = float(where[2:])  # query row 5, or key 4 (seen by rows 7..11)
+    out = flash.flash_attention(q, k, v, causal=True)
+    nan_rows = out.isnan().any(-1)[0]
+    expected = torch.zeros(2, 12, dtype=torch.bool)
+    if where[0] == "q":
+        expected[0, 5] = True
+    else:
+        expected[:, 7:] = True
+    if where == "v nan":  # 0·NaN in P·V may spoil rows that do not see it, as documented
+        assert (nan_rows >= expected).all()
+    else:
+        assert torch.equal(nan_rows, expected)
+        assert torch.equal(out[0, :, :3], torch.zeros(2, 3, 16, device=out.device))  # rows 0..2 see no key
+
+
+def test_fp16_scores_past_65504_are_exact():
+    """fp16 inputs whose scores reach 5e5 (exact in fp32, far past fp16's 65504)."""
+    g = torch.Generator().manual_seed(10)
+    q, k = ((torch.randint(-8, 9, (1, 1, 20, 16), generator=g) * 32.0).to(DEVICE, torch.float16) for _ in range(2))
+    v = torch.randn(1, 1, 20, 16, generator=g).to(DEVICE, torch.float16)
+    assert (q.float() @ k.float().transpose(-1, -2)).abs().max() > 65504
+    expected = torch.softmax(q.double() @ k.double().transpose(-1, -2), -1) @ v.double()
+    torch.testing.assert_close(flash.flash_attention(q, k, v, scale=1.0).double(), expected, rtol=1e-3, atol=1e-3)
