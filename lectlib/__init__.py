@@ -6,6 +6,9 @@ Modules, by concern:
     positions  rotary position embeddings and their extensions
     attention  attention functions, all (B, H, N, D) like torch SDPA
     kv         the KV cache and its eviction policies
+    kvquant    KIVI's quantized KV cache, outlier channels, SmoothAttention and Hadamard
+    quest      Quest: every token kept, each query reads only its top pages
+    compression  the KV-compression leaderboard, kept tokens and costs
     llama      a from-scratch Llama with pluggable attention and cache
     models     loaders: SmolLM2 offline, any Hugging Face causal LM
     evals      perplexity and long-context retrieval tasks
