@@ -178,7 +178,7 @@ def retrieval_prompts(tokenizer, *, length: int, count: int, seed: int = 0):
 
 
 SETTINGS = {
-    "ci": {"context": 256, "continuation": 32, "count": 1, "budgets": [0.1, 0.3], "length": 256},
+    "ci": {"context": 256, "continuation": 32, "count": 1, "budgets": [0.1, 0.2], "length": 256},
     "book": {"context": 512, "continuation": 64, "count": 2, "budgets": [0.05, 0.2, 0.5], "length": 512},
     "gpu": {"context": 4096, "continuation": 64, "count": 8, "budgets": [0.05, 0.1, 0.2, 0.35, 0.5], "length": 4096},
 }
