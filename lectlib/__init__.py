@@ -10,6 +10,10 @@ Modules, by concern:
     attention   attention functions, all (B, H, N, D) like torch SDPA: naive, online softmax, blockwise
     flash       the FlashAttention-2 Triton kernel, forward and backward, with its fallback
     kv          the KV cache and its eviction policies
+    kvquant     KIVI's quantized KV cache, outlier channels, SmoothAttention and Hadamard
+    quest       Quest: every token kept, each query reads only its top pages
+    compression the KV-compression leaderboard, kept tokens and costs
+    duo         DuoAttention: gated retrieval/streaming heads, gate training, the per-head cache
     llama       a from-scratch Llama with pluggable attention and cache
     models      loaders: SmolLM2 offline (converted once, checksummed), any Hugging Face causal LM
     train       the small training loop for models trained from zero
@@ -26,6 +30,7 @@ Modules, by concern:
     bench       speed and memory benchmarks (`python -m lectlib.bench NAME`)
     viz         figures: plotly for the website, ipywidgets in a notebook
     grading     exercise checks shared by notebooks and pytest
+    grade       the isolated autograder (`python -m lectlib.grade`) and its reports
     release     the student release of the chapters and the collection of answers
 """
 

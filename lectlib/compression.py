@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from . import kv, runtime
+from .attention import attention_probs
 from .kvquant import QuantizedCache
 from .quest import QuestCache
 
@@ -177,7 +178,7 @@ def retrieval_prompts(tokenizer, *, length: int, count: int, seed: int = 0):
 
 
 SETTINGS = {
-    "ci": {"context": 256, "continuation": 32, "count": 1, "budgets": [0.1, 0.3], "length": 256},
+    "ci": {"context": 256, "continuation": 32, "count": 1, "budgets": [0.1, 0.2], "length": 256},
     "book": {"context": 512, "continuation": 64, "count": 2, "budgets": [0.05, 0.2, 0.5], "length": 512},
     "gpu": {"context": 4096, "continuation": 64, "count": 8, "budgets": [0.05, 0.1, 0.2, 0.35, 0.5], "length": 4096},
 }
@@ -233,6 +234,71 @@ def summary(rows: list[dict]) -> list[dict]:
                 row[task] = sum(got) / len(got)
         out.append(row)
     return out
+
+
+@torch.no_grad()
+def kept_masks(record: dict, methods, budgets) -> dict[tuple[str, float], torch.Tensor]:
+    """{(method, budget): (L, H_kv, N) bool}: which prompt tokens each policy keeps, per layer and KV head."""
+    n = record["positions"].shape[0]
+    masks = {}
+    for method in methods:
+        for budget in budgets:
+            cache = compress(make_cache(method, budget, n), record)
+            rows = []
+            for layer in sorted(record["keys"]):
+                heads = record["keys"][layer].shape[1]
+                mask = torch.zeros(heads, n, dtype=torch.bool)
+                pos = cache.text_positions[layer].cpu()
+                pos = pos[0] if pos.dim() == 3 else pos.expand(heads, -1)  # batch item 0
+                rows.append(mask.scatter_(1, pos, True))
+            masks[(method, budget)] = torch.stack(rows)
+    return masks
+
+
+def attention_map(record: dict, layer: int) -> torch.Tensor:
+    """(H_kv, N, N) the prompt's causal attention weights in `layer`, averaged over each KV head's query heads."""
+    q, k, scale = record["rotated"][layer]
+    p = attention_probs(q[:1], k[:1], causal=True, scale=scale)[0]
+    return p.view(k.shape[1], -1, *p.shape[1:]).mean(1).cpu()
+
+
+def kept_figure(record: dict, masks: dict, labels: list[str], *, method: str, budget: float, layer: int, head: int):
+    """The attention map of (layer, KV head) with the keys `method` keeps at `budget` marked above it."""
+    import plotly.graph_objects as go
+
+    from . import viz
+
+    w = attention_map(record, layer)[head]
+    n = w.shape[0]
+    fig = viz.heatmap_figure(w.clamp_min(1e-4).log10(), x=list(range(n)), y=list(range(n)), colorscale="Blues",
+                             x_title="key (token)", y_title="query (token)", zmin=-4, zmax=0,
+                             title=f"{method} at {budget:.0%}: kept keys (red) over layer {layer}, KV head {head}")
+    keep = masks[(method, budget)][layer, head].nonzero().flatten().tolist()
+    fig.add_trace(go.Scatter(x=keep, y=[n + 2] * len(keep), mode="markers", marker=dict(color="crimson", size=5,
+                             symbol="square"), text=[labels[i] for i in keep], name="kept",
+                             hovertemplate="kept %{x}: %{text}<extra></extra>"))
+    fig.data[0].colorbar.title = "log10 weight"
+    fig.data[0].customdata = [[labels[j] for j in range(n)]] * n
+    fig.data[0].hovertemplate = "query %{y} -> key %{x} %{customdata}<br>log10 weight %{z:.2f}<extra></extra>"
+    return fig.update_layout(showlegend=False, height=520)
+
+
+def kept_share(mask: torch.Tensor, positions) -> float:
+    """Share of (layer, KV head) pairs of `mask` (L, H_kv, N) that keep every one of `positions`."""
+    return mask[:, :, list(positions)].all(-1).float().mean().item()
+
+
+def heavy_hitter_profile(mask: torch.Tensor, labels: list[str], recent: int) -> dict:
+    """What a policy keeps outside the `recent` newest tokens, from its mask (L, H_kv, N) and token texts:
+    the share of (layer, head) pairs keeping token 0, and the share of punctuation / line breaks among
+    those kept tokens against their share in the text."""
+    n = mask.shape[-1]
+    old = mask[..., :n - recent]
+    punct = torch.tensor([lab.strip() == "" or all(not c.isalnum() for c in lab.strip()) for lab in labels[:n - recent]])
+    kept = old.sum().item()
+    return {"keeps token 0": mask[..., 0].float().mean().item(),
+            "punctuation among kept": (old & punct).sum().item() / max(kept, 1),
+            "punctuation in text": punct.float().mean().item()}
 
 
 @torch.no_grad()

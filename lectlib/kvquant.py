@@ -166,3 +166,35 @@ class QuantizedCache(KVCache):
         """Bytes held: packed codes, fp16 scales and minimums, and the full-precision residual."""
         packed = sum(t.numel() * t.element_size() for s in self.packed.values() for t in s.values())
         return packed + super().nbytes()
+
+
+SCHEMES = ("per-token", "per-channel", "per-token + smooth", "per-channel + smooth",
+           "per-token + Hadamard", "per-channel + Hadamard")
+
+
+def attention_output_error(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bits: int, scheme: str, *,
+                           group_size: int = 32) -> float:
+    """‖o(q, k̂, v) - o(q, k, v)‖ / ‖o(q, k, v)‖ with the keys quantized by `scheme` (values exact).
+
+    q (B, H, N, D), k, v (B, H_kv, N, D), rotated as attention multiplies them (both rewrites are
+    exact there); per-token groups are the whole head dim, per-channel groups `group_size` tokens.
+    """
+    from .attention import sdpa_attention
+
+    if scheme not in SCHEMES:
+        raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+    q, k, v = q.float(), k.float(), v.float()
+    exact = sdpa_attention(q, k, v, causal=True)
+    if "smooth" in scheme:
+        lam = smooth_scales(q, k)
+        q, k = q * lam.repeat_interleave(q.shape[1] // k.shape[1], 0), k / lam
+    elif "Hadamard" in scheme:
+        h = hadamard(q.shape[-1])
+        q, k = q @ h, k @ h
+    if scheme.startswith("per-token"):
+        k_hat = fake_quantize(k, bits, axis="token", group_size=k.shape[-1])
+    else:
+        keep = k.shape[2] // group_size * group_size
+        k_hat = torch.cat([fake_quantize(k[:, :, :keep], bits, axis="channel", group_size=group_size), k[:, :, keep:]], 2)
+    got = sdpa_attention(q, k_hat, v, causal=True, scale=1 / math.sqrt(q.shape[-1]))
+    return ((got - exact).norm() / exact.norm()).item()

@@ -89,3 +89,17 @@ class QuestCache(KVCache):
     def bytes_read(self) -> int:
         """Bytes read by the last step's attention, all layers."""
         return sum(self.read_bytes.values())
+
+
+def topk_recall(q: torch.Tensor, k: torch.Tensor, pages: int, page_size: int, top_k: int) -> float:
+    """Share of each query's true top-`top_k` keys (by q·k, per query head) that its chosen pages contain.
+
+    q (B, H, n, D) are the last n of the N keys k (B, H_kv, N, D); the mean over queries and heads.
+    """
+    _check_int("top_k", top_k, 1)
+    n, N = q.shape[2], k.shape[2]
+    scores = (q.float() @ repeat_kv(k, q.shape[1] // k.shape[1]).float().transpose(-1, -2))
+    scores = scores.masked_fill(~causal_mask(n, N, q.device), float("-inf"))
+    top = scores.topk(min(top_k, N - n + 1), dim=-1).indices  # within what the first query may see
+    chosen = page_selection(q, k, pages, page_size)
+    return chosen.gather(-1, top).float().mean().item()

@@ -250,3 +250,23 @@ def test_h2o_beats_a_recent_window_on_smollm(smollm):
             logp = compression.continuation_logprobs(model, record, cache, cont)
             ppl[method] = math.exp(-logp.gather(1, torch.tensor(cont)[:, None]).mean().item())
     assert ppl["full"] < ppl["H2O"] < ppl["window"] / 1.5, ppl
+
+
+def test_exercise_checks_reject_plausible_mistakes():
+    from lectlib.grading import ExerciseFailure, run_check
+
+    def per_token(x, bits):  # one range per token instead of per channel
+        lo, hi = x.amin(1, keepdim=True), x.amax(1, keepdim=True)
+        scale = (hi - lo) / (2 ** bits - 1)
+        return ((x - lo) / scale).round() * scale + lo
+
+    mistakes = {
+        "h2o_update": [lambda a, w: w.sum(1),  # forgets the running sums
+                       lambda a, w: torch.cat([a, a.new_zeros(a.shape[0], w.shape[1])], 1) + w.mean(1)],  # mean, not sum
+        "quest_page_bound": [lambda q, k, p: torch.stack([(q * k[s:s + p].amax(0)).sum() for s in range(0, k.shape[0], p)])],
+        "quantize_per_channel": [per_token],
+    }
+    for name, wrongs in mistakes.items():
+        for wrong in wrongs:
+            with pytest.raises(ExerciseFailure):
+                run_check(name, wrong)
