@@ -4,8 +4,9 @@ For each world size P (gloo, one thread per process) and sequence length N: the 
 causal forward + backward over the whole sequence (the slowest rank's), the bytes each process
 sent (and the calculator's figure beside it), and the peak resident memory of one process above
 what it held before the step (`peak_rss_bytes`). Causal attention is run in both layouts; each
-rank's compute seconds give the idle share 1 - mean/max: the time ranks wait for the busiest one. P = 1 is the single-process baseline of
-the ratios; with P processes on fewer cores the times measure the work, not a speed-up.
+rank's compute seconds give the idle share 1 - mean/max: the time ranks wait for the busiest one.
+P = 1 is the single-process baseline of the ratios; with P processes on fewer cores the times
+measure the work, not a speed-up.
 """
 
 import argparse
