@@ -142,7 +142,7 @@ def pattern_index(pattern: str, n_q: int, n_k: int | None = None, *, device=None
     valid = _allowed(pattern, p, i, j) & (j < n_k)
     valid[:, 1:] &= j[:, 1:] != j[:, :-1]  # a key listed twice (two rules, two segments) counts once
     # Valid keys first in each row, then drop the columns no row needs: C = the most keys any query sees.
-    order = torch.where(valid, j, j + 2 * n_k).argsort(dim=1)[:, :max(1, int(valid.sum(1).max()))]
+    order = torch.where(valid, j, n_k).argsort(dim=1)[:, :max(1, int(valid.sum(1).max()))]
     return j.gather(1, order).clamp(0, n_k - 1), valid.gather(1, order)
 
 
