@@ -370,7 +370,7 @@ def variants(window: int = 256) -> dict[str, tuple]:
 
 
 def quality(model, tokenizer, *, n: int, passkey_length: int, depths, trials: int, window: int = 256,
-            start: int = 300_000, names=None, progress: bool = True) -> list[dict]:
+            start: int = 300_000, names=None, progress: bool = True, on_row=None) -> list[dict]:
     """Rows {variant, share, ppl, ppl_late, passkey, passkey_share}: SmolLM2 with each of `variants(window)`
     in every layer, no training, beside full attention.
 
@@ -378,7 +378,8 @@ def quality(model, tokenizer, *, n: int, passkey_length: int, depths, trials: in
     model has memorised); ppl_late: over the second half, whose queries have the most keys to
     lose. passkey: retrieval accuracy (`lectlib.evals.passkey_accuracy`) at `passkey_length`
     tokens over `depths` x `trials`. share: the share of causal keys kept at n (and at the
-    passkey length). The model's own attention is restored afterwards.
+    passkey length). `on_row(rows)` is called after each variant (a recording saves progress
+    there). The model's own attention is restored afterwards.
     """
     from tqdm.auto import tqdm
 
@@ -399,6 +400,8 @@ def quality(model, tokenizer, *, n: int, passkey_length: int, depths, trials: in
                          "ppl_late": math.exp(nll[n // 2:].mean().item()),
                          "passkey": sum(c["accuracy"] for c in cells) / len(cells),
                          "passkey_share": share(cells[0]["tokens"])})
+            if on_row is not None:
+                on_row(rows)
     finally:
         model.set_attention(sdpa_attention)
     return rows
@@ -420,14 +423,17 @@ def main(argv=None) -> None:
     parser.add_argument("--window", type=int, default=256)
     args = parser.parse_args(argv)
     model, tok = models.load()
-    rows = quality(model, tok, n=args.n, passkey_length=args.passkey_length, depths=args.depths, trials=args.trials,
-                   window=args.window)
-    print(text_table(rows, list(rows[0])))
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / "sparse_quality.json"
-    path.write_text(json.dumps({"experiment": "sparse quality", "environment": environment(), "settings": vars(args),
-                                "model": "SmolLM2-135M-Instruct", "rows": rows}, indent=1))
-    print(f"recorded {len(rows)} rows to {path}")
+
+    def save(rows):
+        path.write_text(json.dumps({"experiment": "sparse quality", "environment": environment(), "settings": vars(args),
+                                    "model": "SmolLM2-135M-Instruct", "rows": rows}, indent=1))
+        print(f"recorded {len(rows)} rows to {path}", flush=True)
+
+    rows = quality(model, tok, n=args.n, passkey_length=args.passkey_length, depths=args.depths, trials=args.trials,
+                   window=args.window, on_row=save)
+    print(text_table(rows, list(rows[0])))
 
 
 if __name__ == "__main__":
