@@ -5,7 +5,8 @@ baseline of the ratios), the three sliding-window forms of lectlib.sparse (`slid
 N x N mask; `sliding loop`, one query at a time; `sliding chunks`, overlapping chunks) with the
 same window, and the gathered patterns `strided` and `fixed` (stride √N: O(N√N); fixed keeps stride/16
 summary keys per block) and `dilated` (segments 64 ... 4096, rates 1 ... 64: 64 keys per segment length).
-`sliding full` is skipped past --max-full tokens, `sliding loop` past --max-loop. Peak memory is above the inputs.
+`sliding full` is skipped past --max-full tokens, `sliding loop` past --max-loop. Peak memory is
+above the inputs.
 """
 
 import argparse
