@@ -408,7 +408,9 @@ def quality(model, tokenizer, *, n: int, passkey_length: int, depths, trials: in
 
 
 def main(argv=None) -> None:
-    """python -m lectlib.sparse [--n N] [--passkey-length L] ...: record `quality` to data/results/sparse_quality.json."""
+    """python -m lectlib.sparse [--n N] [--passkey-length L] ... [--names ...] [--out F]: record `quality` to data/results/F.
+
+    Runs with different --names and --out (sparse_quality_*.json) split the variants over processes."""
     import argparse
     import json
 
@@ -421,10 +423,12 @@ def main(argv=None) -> None:
     parser.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9])
     parser.add_argument("--trials", type=int, default=2)
     parser.add_argument("--window", type=int, default=256)
+    parser.add_argument("--names", nargs="+", default=None, help="variants to run (default: all of `variants`)")
+    parser.add_argument("--out", default="sparse_quality.json", help="file name under data/results (sparse_quality*.json)")
     args = parser.parse_args(argv)
     model, tok = models.load()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / "sparse_quality.json"
+    path = RESULTS / args.out
 
     def save(rows):
         path.write_text(json.dumps({"experiment": "sparse quality", "environment": environment(), "settings": vars(args),
@@ -432,7 +436,7 @@ def main(argv=None) -> None:
         print(f"recorded {len(rows)} rows to {path}", flush=True)
 
     rows = quality(model, tok, n=args.n, passkey_length=args.passkey_length, depths=args.depths, trials=args.trials,
-                   window=args.window, on_row=save)
+                   window=args.window, names=args.names, on_row=save)
     print(text_table(rows, list(rows[0])))
 
 
