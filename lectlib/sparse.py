@@ -142,7 +142,7 @@ def pattern_index(pattern: str, n_q: int, n_k: int | None = None, *, device=None
     valid = _allowed(pattern, p, i, j) & (j < n_k)
     valid[:, 1:] &= j[:, 1:] != j[:, :-1]  # a key listed twice (two rules, two segments) counts once
     # Valid keys first in each row, then drop the columns no row needs: C = the most keys any query sees.
-    order = torch.where(valid, j, j + 2 * n_k).argsort(dim=1)[:, :max(1, int(valid.sum(1).max()))]
+    order = torch.where(valid, j, n_k).argsort(dim=1)[:, :max(1, int(valid.sum(1).max()))]
     return j.gather(1, order).clamp(0, n_k - 1), valid.gather(1, order)
 
 
@@ -370,7 +370,7 @@ def variants(window: int = 256) -> dict[str, tuple]:
 
 
 def quality(model, tokenizer, *, n: int, passkey_length: int, depths, trials: int, window: int = 256,
-            start: int = 300_000, names=None, progress: bool = True) -> list[dict]:
+            start: int = 300_000, names=None, progress: bool = True, on_row=None) -> list[dict]:
     """Rows {variant, share, ppl, ppl_late, passkey, passkey_share}: SmolLM2 with each of `variants(window)`
     in every layer, no training, beside full attention.
 
@@ -378,7 +378,8 @@ def quality(model, tokenizer, *, n: int, passkey_length: int, depths, trials: in
     model has memorised); ppl_late: over the second half, whose queries have the most keys to
     lose. passkey: retrieval accuracy (`lectlib.evals.passkey_accuracy`) at `passkey_length`
     tokens over `depths` x `trials`. share: the share of causal keys kept at n (and at the
-    passkey length). The model's own attention is restored afterwards.
+    passkey length). `on_row(rows)` is called after each variant (a recording saves progress
+    there). The model's own attention is restored afterwards.
     """
     from tqdm.auto import tqdm
 
@@ -399,13 +400,17 @@ def quality(model, tokenizer, *, n: int, passkey_length: int, depths, trials: in
                          "ppl_late": math.exp(nll[n // 2:].mean().item()),
                          "passkey": sum(c["accuracy"] for c in cells) / len(cells),
                          "passkey_share": share(cells[0]["tokens"])})
+            if on_row is not None:
+                on_row(rows)
     finally:
         model.set_attention(sdpa_attention)
     return rows
 
 
 def main(argv=None) -> None:
-    """python -m lectlib.sparse [--n N] [--passkey-length L] ...: record `quality` to data/results/sparse_quality.json."""
+    """python -m lectlib.sparse [--n N] [--passkey-length L] ... [--names ...] [--out F]: record `quality` to data/results/F.
+
+    Runs with different --names and --out (sparse_quality_*.json) split the variants over processes."""
     import argparse
     import json
 
@@ -418,16 +423,21 @@ def main(argv=None) -> None:
     parser.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9])
     parser.add_argument("--trials", type=int, default=2)
     parser.add_argument("--window", type=int, default=256)
+    parser.add_argument("--names", nargs="+", default=None, help="variants to run (default: all of `variants`)")
+    parser.add_argument("--out", default="sparse_quality.json", help="file name under data/results (sparse_quality*.json)")
     args = parser.parse_args(argv)
     model, tok = models.load()
-    rows = quality(model, tok, n=args.n, passkey_length=args.passkey_length, depths=args.depths, trials=args.trials,
-                   window=args.window)
-    print(text_table(rows, list(rows[0])))
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / "sparse_quality.json"
-    path.write_text(json.dumps({"experiment": "sparse quality", "environment": environment(), "settings": vars(args),
-                                "model": "SmolLM2-135M-Instruct", "rows": rows}, indent=1))
-    print(f"recorded {len(rows)} rows to {path}")
+    path = RESULTS / args.out
+
+    def save(rows):
+        path.write_text(json.dumps({"experiment": "sparse quality", "environment": environment(), "settings": vars(args),
+                                    "model": "SmolLM2-135M-Instruct", "rows": rows}, indent=1))
+        print(f"recorded {len(rows)} rows to {path}", flush=True)
+
+    rows = quality(model, tok, n=args.n, passkey_length=args.passkey_length, depths=args.depths, trials=args.trials,
+                   window=args.window, names=args.names, on_row=save)
+    print(text_table(rows, list(rows[0])))
 
 
 if __name__ == "__main__":

@@ -2,19 +2,41 @@
 
 For each world size P (gloo, one thread per process) and sequence length N: the time of one
 causal forward + backward over the whole sequence (the slowest rank's), the bytes each process
-sent (and the calculator's figure beside it), and the peak memory of one process above its
-inputs. Causal attention is run in both layouts; each rank's compute seconds give the idle share
-1 - mean/max: the time ranks wait for the busiest one. P = 1 is the single-process baseline of
-the ratios; with P processes on fewer cores the times measure the work, not a speed-up.
+sent (and the calculator's figure beside it), and the peak resident memory of one process above
+what it held before the step (`peak_rss_bytes`). Causal attention is run in both layouts; each
+rank's compute seconds give the idle share 1 - mean/max: the time ranks wait for the busiest one.
+P = 1 is the single-process baseline of the ratios; with P processes on fewer cores the times
+measure the work, not a speed-up.
 """
 
 import argparse
+import ctypes
+import re
 import time
 
 import torch
 
-from .. import profiling, ring
+from .. import ring
 from . import record, table
+
+
+def _status_bytes(key: str) -> int:
+    return int(re.search(rf"{key}:\s+(\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+
+
+def peak_rss_bytes(fn) -> int:
+    """Peak resident memory of this process while fn() runs, above what it held before (Linux).
+
+    Freed memory goes back to the system first (malloc_trim) and the kernel's high-water mark
+    is reset (clear_refs), so the peak counts the pages fn touches. (The profiler's replay in
+    `lectlib.profiling.peak_memory_bytes` misses allocations made inside an autograd.Function.)
+    """
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _status_bytes("VmRSS")
+    fn()
+    return _status_bytes("VmHWM") - before
 
 
 def _worker(rank, world_size, lengths, heads, kv_heads, head_dim, repeats):
@@ -38,7 +60,7 @@ def _worker(rank, world_size, lengths, heads, kv_heads, head_dim, repeats):
                 start = time.perf_counter()
                 step(stats)
                 times.append(time.perf_counter() - start)
-            peak = profiling.peak_memory_bytes(step)
+            peak = max(peak_rss_bytes(step) for _ in range(2))
             rows.append(dict(n=n, layout=layout, rank=rank, seconds=min(times), bytes_sent=stats.bytes_sent // repeats,
                              compute=sum(stats.compute_seconds) / repeats, peak_bytes=peak))
     return rows

@@ -5,7 +5,8 @@ baseline of the ratios), the three sliding-window forms of lectlib.sparse (`slid
 N x N mask; `sliding loop`, one query at a time; `sliding chunks`, overlapping chunks) with the
 same window, and the gathered patterns `strided` and `fixed` (stride √N: O(N√N); fixed keeps stride/16
 summary keys per block) and `dilated` (segments 64 ... 4096, rates 1 ... 64: 64 keys per segment length).
-`sliding full` is skipped where its N x N scores pass --max-full. Peak memory is above the inputs.
+`sliding full` is skipped past --max-full tokens, `sliding loop` past --max-loop. Peak memory is
+above the inputs.
 """
 
 import argparse
@@ -35,8 +36,8 @@ def methods(n: int, window: int) -> dict:
     }
 
 
-def measure(lengths, *, heads: int = 2, head_dim: int = 64, window: int = 256, max_full: int = 8192,
-            repeats: int = 3) -> list[dict]:
+def measure(lengths, *, heads: int = 2, head_dim: int = 64, window: int = 256, max_full: int = 4096,
+            max_loop: int = 2048, repeats: int = 3) -> list[dict]:
     """Rows {method, n, ms, peak_mib, x dense time, x dense memory} for every method and length."""
     rows = []
     for n in lengths:
@@ -44,7 +45,7 @@ def measure(lengths, *, heads: int = 2, head_dim: int = 64, window: int = 256, m
         q, k, v = (torch.randn(1, heads, n, head_dim, generator=g) for _ in range(3))
         base = None
         for name, fn in methods(n, window).items():
-            if name == "sliding full" and n > max_full:
+            if name == "sliding full" and n > max_full or name == "sliding loop" and n > max_loop:
                 continue
             with torch.no_grad():
                 seconds = profiling.time_fn(lambda: fn(q, k, v), repeats=repeats, warmup=1)
@@ -61,13 +62,15 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
     parser.add_argument("--window", type=int, default=256)
     parser.add_argument("--heads", type=int, default=2)
-    parser.add_argument("--max-full", type=int, default=8192, help="longest N for the N x N mask form")
+    parser.add_argument("--max-full", type=int, default=4096, help="longest N for the N x N mask form")
+    parser.add_argument("--max-loop", type=int, default=2048, help="longest N for the loop over queries")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--record", action="store_true", help="write data/results/sparse-<device>.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # one core, as each ring process gets: the two benchmarks compare
     print(f"sparse attention on CPU (1 thread), H={args.heads}, D=64, window={args.window}, N = {args.lengths}")
-    rows = measure(args.lengths, heads=args.heads, window=args.window, max_full=args.max_full, repeats=args.repeats)
+    rows = measure(args.lengths, heads=args.heads, window=args.window, max_full=args.max_full, max_loop=args.max_loop,
+                   repeats=args.repeats)
     print(table(rows, ["method", "n", "ms", "peak_mib", "x_dense_time", "x_dense_memory"]))
     if args.record:
         record("sparse", rows, heads=args.heads, head_dim=64, window=args.window, threads=1,
