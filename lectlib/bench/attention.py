@@ -17,10 +17,11 @@ checks the kernel's forward and backward against SDPA (fp16 and bf16, D = 64 and
 not, GQA, odd lengths), lets Triton autotune the launch settings, times forward and forward+backward
 at N = 1k…16k against SDPA's flash and memory-efficient backends and naive attention (bf16), and
 writes data/results/flash_<device>.json after each part. `--tiny` rehearses it on a CPU.
-`--compile-only CAP` compiles every shipped config for an sm<CAP> GPU without one (`compile_configs`).
+`--compile-only CAP [CAP]` compiles every shipped config for an sm<CAP> GPU without one (`compile_configs`).
 """
 
 import argparse
+import json
 import math
 import os
 import subprocess
@@ -211,8 +212,6 @@ def gpu_results() -> list[dict]:
 def device_run_results(results: Path = RESULTS) -> list[dict]:
     """Each flash_<device>.json as {environment, rows, checks, tuning}: speed rows and memory rows
     (kind="memory") as `speed_figure` and `memory_figure` read them."""
-    import json
-
     out = []
     for path in sorted(results.glob("flash_*.json")):
         data = json.loads(path.read_text())
@@ -444,7 +443,8 @@ def compile_configs(capability: int, *, head_dims=(64, 128), dtype: str = "bf16"
                         constants["STEP"] = flash._block_step
                     signature = {a: "constexpr" if a in constants else f"*{pointers[a]}" if a in pointers
                                  else "fp32" if a in floats else "i32" for a in kernel.arg_names}
-                    row = dict(kernel=name, head_dim=head_dim, config=str(config), capability=capability)
+                    row = dict(kernel=name, head_dim=head_dim, capability=capability, **config.kwargs,
+                               num_warps=config.num_warps, num_stages=config.num_stages)
                     try:
                         compiled = triton.compile(ASTSource(kernel, signature, constants),
                                                   target=GPUTarget("cuda", capability, 32),
@@ -454,21 +454,27 @@ def compile_configs(capability: int, *, head_dims=(64, 128), dtype: str = "bf16"
                     except Reached:
                         row["shared_bytes"] = None
                     rows.append(row)
-                    print(row, flush=True)
     finally:
         triton.knobs.runtime.add_stages_inspection_hook = None
     return rows
 
 
-def compile_in_subprocess(capability: int, *, head_dims=(64, 128), stop_after: str | None = None) -> str:
-    """Run `compile_configs` in a fresh Python with TRITON_INTERPRET=0; return its output (raises if it fails)."""
-    code = (f"from lectlib.bench import attention\n"
-            f"attention.compile_configs({capability}, head_dims={tuple(head_dims)}, stop_after={stop_after!r})")
-    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=str(Path(__file__).resolve().parents[2]))
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    if done.returncode:
-        raise RuntimeError(f"compiling for sm{capability} failed:\n{done.stderr[-3000:]}")
-    return done.stdout
+def compile_in_subprocess(capabilities, *, head_dims=(64, 128), stop_after: str | None = None) -> list[dict]:
+    """Run `compile_configs` for each capability in its own fresh Python with TRITON_INTERPRET=0, all at
+    once; return every row (raises, with the compiler's message, if one fails)."""
+    root = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    code = ("import json; from lectlib.bench import attention; "
+            "print(json.dumps(attention.compile_configs({}, head_dims={}, stop_after={!r})))")
+    runs = [subprocess.Popen([sys.executable, "-c", code.format(cap, tuple(head_dims), stop_after)], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for cap in capabilities]
+    rows = []
+    for cap, run in zip(capabilities, runs):
+        out, err = run.communicate()
+        if run.returncode:
+            raise RuntimeError(f"compiling for sm{cap} failed:\n{err[-3000:]}")
+        rows += json.loads(out.strip().splitlines()[-1])
+    return rows
 
 
 def main(argv: list[str]) -> None:
@@ -483,14 +489,15 @@ def main(argv: list[str]) -> None:
                         "would not fit are skipped)")
     parser.add_argument("--tiny", action="store_true", help="--device-run rehearsed on a CPU with tiny sizes")
     parser.add_argument("--out", default=None, help="--device-run: folder of the JSON (default data/results)")
-    parser.add_argument("--compile-only", type=int, metavar="CAP", default=None,
-                        help="compile every shipped config for sm<CAP> (80, 90) on this machine, GPU or not")
+    parser.add_argument("--compile-only", type=int, nargs="+", metavar="CAP", default=None,
+                        help="compile every shipped config for sm<CAP> (80 90) on this machine, GPU or not")
     args = parser.parse_args(argv)
     if args.device_run:
         run_on_device(budget_s=args.budget_s, tiny=args.tiny, out=args.out)
         return
     if args.compile_only:
-        print(compile_in_subprocess(args.compile_only))
+        print(table(compile_in_subprocess(args.compile_only), ["capability", "kernel", "head_dim", "BLOCK_M", "BLOCK_N",
+                                                                "num_warps", "num_stages", "shared_bytes"]))
         return
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     quick = args.quick or device.type == "cpu"
