@@ -66,3 +66,20 @@ def test_every_shipped_config_compiles_for_sm80_and_sm90():
 
     shipped = len(flash.FORWARD_CONFIGS) + 2 * len(flash.BACKWARD_CONFIGS)
     assert len(rows) == 2 * shipped and {r["capability"] for r in rows} == {80, 90}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the rehearsal is for machines without a GPU")
+def test_gpu_suite_rehearses_every_part_on_cpu(tmp_path):
+    from lectlib.bench import gpu_suite
+
+    statuses = gpu_suite.run(budget_s=900, out=tmp_path, tiny=True)
+    assert statuses == dict.fromkeys(["ssm", "memory", "long_context", "streaming", "chapters"], "ok")
+    read = lambda name: json.loads((tmp_path / f"{name}_cpu.json").read_text())  # noqa: E731
+    assert read("ssm")["result"]["max_error_vs_parallel"] < 1e-4  # the Triton scan (interpreted) is the scan
+    cache = read("gpu_memory")["result"]["kv_cache_rows"]
+    assert [r["measured_over_formula"] for r in cache] == [1.0] * len(cache)  # memory.py's formula, exactly
+    scalings = read("long_context")["result"]["scalings"]
+    assert set(scalings) == {"rope", "dynamic_ntk", "yarn"} and all(s["passkey"] and s["needle"] for s in scalings.values())
+    stream = read("streaming")["result"]
+    assert len({m["nbytes"] for m in stream["long_stream"]["cache_bytes_at"]}) == 1  # flat memory through sinks
+    assert read("chapters")["result"]["all_ok"] and "environment" in read("chapters")

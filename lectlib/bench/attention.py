@@ -171,18 +171,19 @@ def speed(*, lengths, head_dims, causals, dtype, device, tokens: int, width: int
     return rows
 
 
-def memory(*, lengths, head_dim: int, heads: int, dtype, device) -> list[dict]:
+def memory(*, lengths, head_dim: int, heads: int, dtype, device, methods: dict | None = None) -> list[dict]:
     """Rows {method, n, head_dim, heads, peak_bytes}: peak memory of one forward above the inputs.
 
-    On CPU the kernel runs in the interpreter's numpy arrays, which torch does not see, so there
-    the rows are naive and blockwise attention.
+    Default methods: naive, SDPA and lectlib's kernel on CUDA; on CPU the kernel runs in the
+    interpreter's numpy arrays, which torch does not see, so there naive and blockwise attention.
     """
     rows = []
-    methods = {"naive": attention.naive_attention}
-    if device.type == "cuda":
-        methods.update(sdpa=attention.sdpa_attention, flash=_methods(device)["flash"])
-    else:
-        methods["blockwise"] = attention.blockwise_attention
+    if methods is None:
+        methods = {"naive": attention.naive_attention}
+        if device.type == "cuda":
+            methods.update(sdpa=attention.sdpa_attention, flash=_methods(device)["flash"])
+        else:
+            methods["blockwise"] = attention.blockwise_attention
     for n in lengths:
         q, k, v = (torch.randn(1, heads, n, head_dim).to(device, dtype) for _ in range(3))
         for method, fn in methods.items():
