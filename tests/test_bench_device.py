@@ -57,6 +57,8 @@ def test_flash_device_run_rehearses_end_to_end_on_cpu(tmp_path, capsys):
     figure = bench_attention.speed_figure(result, direction="fwd+bwd", head_dim=32, causal=True)
     assert {trace.name for trace in figure.data} >= {"flash", "sdpa", "naive"}
     assert bench_attention.memory_figure(result).data
+    bench_attention.recorded_figure(result)  # chapter 1's slider figure over direction, head dim, causal
+    assert [r["fwd ratio"] > 0 for r in bench_attention.ratio_table(result["rows"])] == [True, True]
 
 
 def test_every_shipped_config_compiles_for_sm80_and_sm90():

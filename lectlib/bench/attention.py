@@ -240,6 +240,19 @@ def speed_figure(result: dict, *, direction: str = "fwd", head_dim: int = 128, c
                            x_title="sequence length N", y_title="TFLOP/s")
 
 
+def recorded_figure(result: dict):
+    """Chapter 1's view of one recorded GPU result (an item of `gpu_results`): TFLOP/s against N per
+    method, for each direction, head dim and causal flag it holds (a slider each; device and date in
+    the title). Shows the static twin and the live panel (`viz.explore`)."""
+    from .. import viz
+
+    rows = [r for r in result["rows"] if r.get("tflops") is not None]
+    controls = {"direction": sorted({r["direction"] for r in rows}), "head_dim": sorted({r["head_dim"] for r in rows}),
+                "causal": ["not causal", "causal"]}
+    viz.explore(lambda direction, head_dim, causal: speed_figure(result, direction=direction, head_dim=head_dim,
+                                                                 causal=causal == "causal"), controls)
+
+
 def memory_figure(result: dict):
     """Peak memory of one forward against N per method, from one recorded result (the memory rows)."""
     from .. import viz
