@@ -11,6 +11,20 @@ recomputes the probabilities from the log-sum-exp instead of storing them: one k
 accumulates dK, dV over the query blocks of each key block, another dQ over the key blocks of
 each query block, so no two programs write the same memory.
 
+Known optimisations (the FlashAttention-2 paper and Triton's fused-attention tutorial), and which
+this kernel uses:
+- used: exp2 with log2(e) folded into the scale (`LOG2E`; exp2 is the GPU's native instruction),
+  a base-2 log-sum-exp kept for the backward;
+- used: causal attention split into stages: key blocks entirely below the diagonal run without a
+  mask, only the blocks that cross it (or the end of the keys) pay for one, and blocks above it
+  are skipped (half the work of a full pass);
+- used: block sizes, warps and software-pipelining stages autotuned per shape (`FORWARD_CONFIGS`,
+  `BACKWARD_CONFIGS`; BLOCK_M = 128 with 8 warps first, for D = 128);
+- used: fp32 accumulators and running statistics whatever the input dtype;
+- not used: tensor descriptors (TMA) and warp specialisation on sm90, a fused single-kernel
+  backward with atomics, and FP8. `python -m lectlib.bench attention --device-run` measures what the
+  kernel reaches against SDPA's FlashAttention backend on the GPU it runs on.
+
 Where it runs: compiled on GPUs that Triton supports (sm80+: A100, L4, H100); under Triton's
 interpreter (TRITON_INTERPRET=1, set as lectlib is imported when no CUDA GPU is present) on
 CPU, where it is slow but exact; elsewhere (Colab's T4 is sm75, too old for these

@@ -145,15 +145,18 @@ def small_models(vocab_size: int, *, d_model: int = 32, n_layers: int = 2, d_sta
     return {"Mamba (selective)": mamba, "LTI SSM": lti, "Transformer": attention}
 
 
-def recall_models(vocab_size: int, *, d_model: int = 32, d_state: int = 8, depths=(2,), seed: int = 0) -> dict:
-    """The models the MQAR experiment compares: pure Mamba stacks of each depth in `depths`, and a
-    2-layer Jamba-style hybrid of the same width and state size (one Mamba layer, one attention
-    layer without positions, an MLP after each, no MoE)."""
+def recall_models(vocab_size: int, *, d_model: int = 32, d_state: int = 8, depths=(2,), hybrid: bool = True,
+                  seed: int = 0) -> dict:
+    """The models the MQAR experiment compares: pure Mamba stacks of each depth in `depths`, and (with
+    `hybrid`) a 2-layer Jamba-style hybrid of the same width and state size (one Mamba layer, one
+    attention layer without positions, an MLP after each, no MoE)."""
     models = {}
     for depth in depths:
         torch.manual_seed(seed)
         models[f"Mamba ({depth} layers)"] = MambaLM(MambaConfig(vocab_size=vocab_size, d_model=d_model,
                                                                 n_layers=depth, d_state=d_state))
+    if not hybrid:
+        return models
     torch.manual_seed(seed)
     models["Hybrid (Mamba + attention)"] = Jamba(JambaConfig(
         vocab_size=vocab_size, d_model=d_model, n_layers=2, attn_period=2, attn_offset=1, moe_period=3,
@@ -180,7 +183,7 @@ def mqar_sweep(models: dict, pairs, *, steps: int, n_keys: int, n_values: int, b
     return rows
 
 
-MQAR_BOOK = dict(pairs=[2, 4, 8, 16, 32], steps=1000, n_keys=32, n_values=32, depths=(2, 4), seeds=(0, 1))
+MQAR_BOOK = dict(pairs=[2, 4, 8, 16, 32], steps=700, n_keys=32, n_values=32, depths=(2,), seeds=(0,))
 
 
 def main(argv=None) -> None:
@@ -192,17 +195,20 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=MQAR_BOOK["steps"])
     parser.add_argument("--pairs", type=int, nargs="+", default=MQAR_BOOK["pairs"])
     parser.add_argument("--seeds", type=int, nargs="+", default=list(MQAR_BOOK["seeds"]))
+    parser.add_argument("--depths", type=int, nargs="*", default=list(MQAR_BOOK["depths"]),
+                        help="pure Mamba depths to train (none: only the hybrid)")
+    parser.add_argument("--no-hybrid", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(RESULTS / "mqar.json"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     settings = dict(pairs=args.pairs, steps=args.steps, n_keys=MQAR_BOOK["n_keys"], n_values=MQAR_BOOK["n_values"],
-                    depths=list(MQAR_BOOK["depths"]), d_model=32, d_state=8, batch=32, lr=1e-2)
+                    depths=args.depths, hybrid=not args.no_hybrid, d_model=32, d_state=8, batch=32, lr=1e-2)
     start = time.perf_counter()
     rows = []
     for seed in args.seeds:
-        models = recall_models(mqar_vocab(settings["n_keys"], settings["n_values"]), depths=settings["depths"],
-                               seed=seed)
+        models = recall_models(mqar_vocab(settings["n_keys"], settings["n_values"]), depths=args.depths,
+                               hybrid=not args.no_hybrid, seed=seed)
         rows += [dict(seed=seed, **r) for r in mqar_sweep(models, args.pairs, steps=args.steps, n_keys=settings["n_keys"],
                                                           n_values=settings["n_values"], seed=seed)]
         print(json.dumps(rows[-len(models) * len(args.pairs):]), flush=True)

@@ -253,3 +253,48 @@ def test_step_sizes_are_the_deltas_of_the_forward():
     with torch.no_grad():
         want = torch.nn.functional.softplus(mixer.dt_proj(mixer.x_proj(x)[..., :mixer.config.dt_rank]))
     torch.testing.assert_close(deltas[0], want)
+
+
+def test_mqar_asks_for_the_value_of_each_queried_key():
+    inputs, targets = synthetic.mqar(16, n_pairs=5, n_queries=3, n_keys=8, n_values=6,
+                                     generator=torch.Generator().manual_seed(0))
+    assert inputs.shape == targets.shape == (16, 13) and synthetic.mqar_vocab(8, 6) == 14
+    for row, target in zip(inputs.tolist(), targets.tolist()):
+        keys, values = row[0:10:2], row[1:10:2]
+        assert len(set(keys)) == 5 and all(0 <= k < 8 for k in keys) and all(8 <= v < 14 for v in values)
+        pairs = dict(zip(keys, values))
+        assert target[:10] == [-100] * 10 and target[10:] == [pairs[q] for q in row[10:]]
+    with pytest.raises(ValueError, match="n_pairs=9"):
+        synthetic.mqar(1, n_pairs=9, n_keys=8, n_values=8)
+    with pytest.raises(ValueError, match="n_queries"):
+        synthetic.mqar(1, n_pairs=2, n_queries=3, n_keys=8, n_values=8)
+
+
+def test_hybrid_recalls_many_pairs_where_mamba_falls():
+    """Chapter 8 at the ci scale: the pure Mamba loses accuracy as the pairs grow, the hybrid stays ahead."""
+    pairs = [2, 4, 8]
+    rows = synthetic.mqar_sweep(synthetic.recall_models(synthetic.mqar_vocab(16, 16), seed=0), pairs, steps=150,
+                                n_keys=16, n_values=16, seed=0)
+    acc = {(r["model"], r["n_pairs"]): r["accuracy"] for r in rows}
+    mamba, hybrid = "Mamba (2 layers)", "Hybrid (Mamba + attention)"
+    assert acc[(mamba, 2)] > acc[(mamba, 8)] + 0.15, acc
+    assert all(acc[(hybrid, n)] > acc[(mamba, n)] + 0.2 for n in pairs), acc
+    assert all(acc[(mamba, n)] < 4 / n for n in pairs), acc  # of the order of a guess among the values shown
+
+
+def test_recorded_mqar_sweep_says_what_chapter_8_says():
+    """The book-scale record (python -m lectlib.synthetic mqar): the Mamba falls with the pairs, of the order
+    of a guess among the values shown (1/pairs), and the hybrid is ahead at every count."""
+    import json
+
+    from lectlib.bench import RESULTS
+
+    record = json.loads((RESULTS / "mqar.json").read_text())
+    acc = {(r["model"], r["n_pairs"]): r["accuracy"] for r in record["rows"]}
+    pairs = record["settings"]["pairs"]
+    mamba = [acc[("Mamba (2 layers)", n)] for n in pairs]
+    hybrid = [acc[("Hybrid (Mamba + attention)", n)] for n in pairs]
+    assert mamba == sorted(mamba, reverse=True) and mamba[0] > mamba[-1] + 0.3
+    assert all(1 / n * 0.8 < a < 4 / n for a, n in zip(mamba, pairs))
+    assert all(h > m + 0.3 for h, m in zip(hybrid, mamba))
+    assert {"date", "torch"} <= set(record["environment"]) and record["settings"]["steps"] > 0

@@ -17,11 +17,11 @@ checks the kernel's forward and backward against SDPA (fp16 and bf16, D = 64 and
 not, GQA, odd lengths), lets Triton autotune the launch settings, times forward and forward+backward
 at N = 1k…16k against SDPA's flash and memory-efficient backends and naive attention (bf16), and
 writes data/results/flash_<device>.json after each part. `--tiny` rehearses it on a CPU.
-`--compile-only CAP` compiles every shipped config for an sm<CAP> GPU without one (`compile_configs`).
+`--compile-only CAP [CAP]` compiles every shipped config for an sm<CAP> GPU without one (`compile_configs`).
 """
 
 import argparse
-import math
+import json
 import os
 import subprocess
 import sys
@@ -106,7 +106,8 @@ def speed(*, lengths, head_dims, causals, dtype, device, tokens: int, width: int
     directions: "fwd", "bwd" (the backward alone) and "fwd+bwd" (default fwd and bwd, or fwd only
     without `backward`); a "fwd+bwd" row also has the peak memory of that step (peak_bytes).
     max_diff is the largest |output - SDPA's output| (the first method's where SDPA is absent). An
-    SDPA backend that has no kernel for these inputs gives a row with `error` and no time.
+    SDPA backend that has no kernel for these inputs, or a method out of GPU memory, gives a row
+    with `error` and no time.
     """
     rows = []
     methods = methods or _methods(device)
@@ -144,9 +145,11 @@ def speed(*, lengths, head_dims, causals, dtype, device, tokens: int, width: int
                             # On a CPU the interpreter's memory is invisible to torch (see `memory`).
                             peak = (profiling.peak_memory_bytes(step, device=device)
                                     if "fwd+bwd" in directions and device.type == "cuda" else None)
-                    except RuntimeError as error:  # e.g. "No available kernel" for this backend, dtype or device
-                        if method not in SDPA_BACKENDS:
+                    except RuntimeError as error:  # "No available kernel" for this SDPA backend, or out of memory
+                        if method not in SDPA_BACKENDS and not isinstance(error, torch.OutOfMemoryError):
                             raise
+                        if device.type == "cuda":
+                            torch.cuda.empty_cache()
                         rows.append(dict(method=method, direction="fwd", **config, ms=None, tflops=None,
                                          error=str(error).splitlines()[0]))
                         continue
@@ -170,18 +173,19 @@ def speed(*, lengths, head_dims, causals, dtype, device, tokens: int, width: int
     return rows
 
 
-def memory(*, lengths, head_dim: int, heads: int, dtype, device) -> list[dict]:
+def memory(*, lengths, head_dim: int, heads: int, dtype, device, methods: dict | None = None) -> list[dict]:
     """Rows {method, n, head_dim, heads, peak_bytes}: peak memory of one forward above the inputs.
 
-    On CPU the kernel runs in the interpreter's numpy arrays, which torch does not see, so there
-    the rows are naive and blockwise attention.
+    Default methods: naive, SDPA and lectlib's kernel on CUDA; on CPU the kernel runs in the
+    interpreter's numpy arrays, which torch does not see, so there naive and blockwise attention.
     """
     rows = []
-    methods = {"naive": attention.naive_attention}
-    if device.type == "cuda":
-        methods.update(sdpa=attention.sdpa_attention, flash=_methods(device)["flash"])
-    else:
-        methods["blockwise"] = attention.blockwise_attention
+    if methods is None:
+        methods = {"naive": attention.naive_attention}
+        if device.type == "cuda":
+            methods.update(sdpa=attention.sdpa_attention, flash=_methods(device)["flash"])
+        else:
+            methods["blockwise"] = attention.blockwise_attention
     for n in lengths:
         q, k, v = (torch.randn(1, heads, n, head_dim).to(device, dtype) for _ in range(3))
         for method, fn in methods.items():
@@ -211,8 +215,6 @@ def gpu_results() -> list[dict]:
 def device_run_results(results: Path = RESULTS) -> list[dict]:
     """Each flash_<device>.json as {environment, rows, checks, tuning}: speed rows and memory rows
     (kind="memory") as `speed_figure` and `memory_figure` read them."""
-    import json
-
     out = []
     for path in sorted(results.glob("flash_*.json")):
         data = json.loads(path.read_text())
@@ -238,6 +240,19 @@ def speed_figure(result: dict, *, direction: str = "fwd", head_dim: int = 128, c
                            title=f"{direction}, D={head_dim}, {'causal' if causal else 'not causal'} "
                                  f"({env['device']}, {env['date']})",
                            x_title="sequence length N", y_title="TFLOP/s")
+
+
+def recorded_figure(result: dict):
+    """Chapter 1's view of one recorded GPU result (an item of `gpu_results`): TFLOP/s against N per
+    method, for each direction, head dim and causal flag it holds (a slider each; device and date in
+    the title). Shows the static twin and the live panel (`viz.explore`)."""
+    from .. import viz
+
+    rows = [r for r in result["rows"] if r.get("tflops") is not None]
+    controls = {"direction": sorted({r["direction"] for r in rows}), "head_dim": sorted({r["head_dim"] for r in rows}),
+                "causal": ["not causal", "causal"]}
+    viz.explore(lambda direction, head_dim, causal: speed_figure(result, direction=direction, head_dim=head_dim,
+                                                                 causal=causal == "causal"), controls)
 
 
 def memory_figure(result: dict):
@@ -444,7 +459,8 @@ def compile_configs(capability: int, *, head_dims=(64, 128), dtype: str = "bf16"
                         constants["STEP"] = flash._block_step
                     signature = {a: "constexpr" if a in constants else f"*{pointers[a]}" if a in pointers
                                  else "fp32" if a in floats else "i32" for a in kernel.arg_names}
-                    row = dict(kernel=name, head_dim=head_dim, config=str(config), capability=capability)
+                    row = dict(kernel=name, head_dim=head_dim, capability=capability, **config.kwargs,
+                               num_warps=config.num_warps, num_stages=config.num_stages)
                     try:
                         compiled = triton.compile(ASTSource(kernel, signature, constants),
                                                   target=GPUTarget("cuda", capability, 32),
@@ -454,21 +470,27 @@ def compile_configs(capability: int, *, head_dims=(64, 128), dtype: str = "bf16"
                     except Reached:
                         row["shared_bytes"] = None
                     rows.append(row)
-                    print(row, flush=True)
     finally:
         triton.knobs.runtime.add_stages_inspection_hook = None
     return rows
 
 
-def compile_in_subprocess(capability: int, *, head_dims=(64, 128), stop_after: str | None = None) -> str:
-    """Run `compile_configs` in a fresh Python with TRITON_INTERPRET=0; return its output (raises if it fails)."""
-    code = (f"from lectlib.bench import attention\n"
-            f"attention.compile_configs({capability}, head_dims={tuple(head_dims)}, stop_after={stop_after!r})")
-    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=str(Path(__file__).resolve().parents[2]))
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    if done.returncode:
-        raise RuntimeError(f"compiling for sm{capability} failed:\n{done.stderr[-3000:]}")
-    return done.stdout
+def compile_in_subprocess(capabilities, *, head_dims=(64, 128), stop_after: str | None = None) -> list[dict]:
+    """Run `compile_configs` for each capability in its own fresh Python with TRITON_INTERPRET=0, all at
+    once; return every row (raises, with the compiler's message, if one fails)."""
+    root = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    code = ("import json; from lectlib.bench import attention; "
+            "print(json.dumps(attention.compile_configs({}, head_dims={}, stop_after={!r})))")
+    runs = [subprocess.Popen([sys.executable, "-c", code.format(cap, tuple(head_dims), stop_after)], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for cap in capabilities]
+    rows = []
+    for cap, run in zip(capabilities, runs):
+        out, err = run.communicate()
+        if run.returncode:
+            raise RuntimeError(f"compiling for sm{cap} failed:\n{err[-3000:]}")
+        rows += json.loads(out.strip().splitlines()[-1])
+    return rows
 
 
 def main(argv: list[str]) -> None:
@@ -483,14 +505,15 @@ def main(argv: list[str]) -> None:
                         "would not fit are skipped)")
     parser.add_argument("--tiny", action="store_true", help="--device-run rehearsed on a CPU with tiny sizes")
     parser.add_argument("--out", default=None, help="--device-run: folder of the JSON (default data/results)")
-    parser.add_argument("--compile-only", type=int, metavar="CAP", default=None,
-                        help="compile every shipped config for sm<CAP> (80, 90) on this machine, GPU or not")
+    parser.add_argument("--compile-only", type=int, nargs="+", metavar="CAP", default=None,
+                        help="compile every shipped config for sm<CAP> (80 90) on this machine, GPU or not")
     args = parser.parse_args(argv)
     if args.device_run:
         run_on_device(budget_s=args.budget_s, tiny=args.tiny, out=args.out)
         return
     if args.compile_only:
-        print(compile_in_subprocess(args.compile_only))
+        print(table(compile_in_subprocess(args.compile_only), ["capability", "kernel", "head_dim", "BLOCK_M", "BLOCK_N",
+                                                                "num_warps", "num_stages", "shared_bytes"]))
         return
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     quick = args.quick or device.type == "cpu"

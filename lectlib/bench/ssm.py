@@ -65,37 +65,50 @@ def _attention_call(n: int, dim: int, device):
     return run
 
 
+def _measure(method: str, *, n: int, dim: int, d_state: int, device, backward: bool) -> dict:
+    """{direction: seconds} of one scan method (or attention) at length n."""
+    if method == "attention":
+        return {"fwd": _time(_attention_call(n, dim, device), device)}
+    args = scan_inputs(batch=1, n=n, dim=dim, d_state=d_state, device=device, requires_grad=backward)
+    run = lambda: selective_scan(**args, method=method)  # noqa: E731
+    slow = device.type == "cpu" and method in ("sequential", "triton")
+    with torch.no_grad():
+        measured = {"fwd": _time(run, device, slow)}
+    if backward:
+        def step():
+            y, h = run()
+            torch.autograd.grad(y.sum() + h.sum(), list(args.values()))
+        measured["fwd+bwd"] = _time(step, device, slow)
+    return measured
+
+
 def scan_speed(*, lengths, methods, dim: int = 128, d_state: int = 16, device=None, backward: bool = True,
                sequential_max: int = 1 << 30) -> list[dict]:
-    """Rows {method, direction, n, dim, d_state, ms} for every length and method ('attention' too)."""
+    """Rows {method, direction, n, dim, d_state, ms} for every length and method ('attention' too); a
+    method out of GPU memory gives a row with `error` and ms None."""
     device = torch.device(device or "cpu")
     rows = []
     for n in lengths:
         for method in methods:
             if method == "sequential" and n > sequential_max:
                 continue
-            if method == "attention":
-                measured = {"fwd": _time(_attention_call(n, dim, device), device)}
-            else:
-                args = scan_inputs(batch=1, n=n, dim=dim, d_state=d_state, device=device, requires_grad=backward)
-                run = lambda: selective_scan(**args, method=method)  # noqa: E731
-                slow = device.type == "cpu" and method in ("sequential", "triton")
-                with torch.no_grad():
-                    measured = {"fwd": _time(run, device, slow)}
-                if backward:
-                    def step():
-                        y, h = run()
-                        torch.autograd.grad(y.sum() + h.sum(), list(args.values()))
-                    measured["fwd+bwd"] = _time(step, device, slow)
+            try:
+                measured = _measure(method, n=n, dim=dim, d_state=d_state, device=device, backward=backward)
+            except torch.OutOfMemoryError as error:  # the PyTorch scans keep all B·L·D·N states
+                rows.append(dict(method=method, direction="fwd", n=n, dim=dim, d_state=d_state, ms=None,
+                                 error=str(error).splitlines()[0]))
+                torch.cuda.empty_cache()
+                continue
             for direction, seconds in measured.items():
                 rows.append(dict(method=method, direction=direction, n=n, dim=dim, d_state=d_state, ms=seconds * 1e3))
-        print("\n".join(table([r for r in rows if r["n"] == n], ["method", "direction", "n", "ms"]).splitlines()[1:]),
-              flush=True)
+        print("\n".join(table([r for r in rows if r["n"] == n and r["ms"] is not None],
+                                ["method", "direction", "n", "ms"]).splitlines()[1:]), flush=True)
     return rows
 
 
 def ratios(rows: list[dict], *, method: str, baseline: str) -> list[dict]:
     """How many times faster `method` is than `baseline` (baseline ms / method ms), per length and direction."""
+    rows = [r for r in rows if r["ms"] is not None]
     base = {(r["direction"], r["n"]): r["ms"] for r in rows if r["method"] == baseline}
     return [dict(method=method, baseline=baseline, direction=r["direction"], n=r["n"],
                  speedup=base[(r["direction"], r["n"])] / r["ms"])
