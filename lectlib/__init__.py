@@ -6,6 +6,7 @@ Modules, by concern:
     positions  rotary position embeddings and their extensions
     attention  attention functions, all (B, H, N, D) like torch SDPA
     kv         the KV cache and its eviction policies
+    duo        DuoAttention: gated retrieval/streaming heads, their training and cache
     llama      a from-scratch Llama with pluggable attention and cache
     models     loaders: SmolLM2 offline, any Hugging Face causal LM
     evals      perplexity and long-context retrieval tasks

@@ -476,7 +476,10 @@ def gated_perplexity(model, input_ids: torch.Tensor, gates: torch.Tensor, *, sin
 
 def share_sweep(model, tokenizer, gates: torch.Tensor, *, length: int, count: int, ppl_tokens: int,
                 shares=SHARES, sinks: int = SINKS, window: int = WINDOW, progress: bool = True) -> list[dict]:
-    """Rows {share, task, accuracy, bytes, full_bytes}, task in passkey / needle / key-value / perplexity."""
+    """Rows {share, task, score, bytes, full_bytes}: task passkey / needle / key-value (score: the
+    share of `count` prompts of about `length` tokens retrieved, bytes: held after the prompt) or
+    perplexity (score: over `ppl_tokens` of the King James text; bytes by `duo_cache_bytes`).
+    Full bytes: the full cache's, fp32 like the model."""
     from tqdm.auto import tqdm
 
     from .data import window as text_window
@@ -493,10 +496,10 @@ def share_sweep(model, tokenizer, gates: torch.Tensor, *, length: int, count: in
             full = prompt.shape[1] * 2 * model.config.n_layers * model.config.n_kv_heads * model.config.head_dim * 4
             scores.setdefault(task, []).append((ok, held, full))
         for task, got in scores.items():
-            rows.append({"share": share, "task": task, "accuracy": sum(g[0] for g in got) / len(got),
+            rows.append({"share": share, "task": task, "score": sum(g[0] for g in got) / len(got),
                          "bytes": sum(g[1] for g in got) / len(got), "full_bytes": sum(g[2] for g in got) / len(got)})
         ppl = gated_perplexity(model, text, heads.float(), sinks=sinks, window=window)
-        rows.append({"share": share, "task": "perplexity", "accuracy": ppl,
+        rows.append({"share": share, "task": "perplexity", "score": ppl,
                      "bytes": duo_cache_bytes(n_layers=model.config.n_layers, n_kv_heads=model.config.n_kv_heads,
                                               head_dim=model.config.head_dim, n_tokens=ppl_tokens, share=share,
                                               sinks=sinks, window=window, bytes_per_value=4),
@@ -560,6 +563,45 @@ def train_command(args) -> None:
                 progress=False, on_log=save)
 
 
+def experiments_command(args) -> None:
+    from .kv import KVCache, SinkCache
+    from .models import load
+
+    model, tokenizer = load()
+    gates, meta = load_gates(args.gates)
+    sinks, window = meta["settings"]["sinks"], meta["settings"]["window"]
+    RESULTS = DATA / "results"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    common = {"gates": str(Path(args.gates).relative_to(DATA.parent)) if Path(args.gates).is_absolute() else args.gates,
+              "sinks": sinks, "window": window, **_machine()}
+    if "ranking" in args.parts:
+        begin = time.perf_counter()
+        ranking = needle_attention_ranking(model, tokenizer, length=args.length)
+        (RESULTS / "duo_ranking.json").write_text(json.dumps({
+            "command": "python -m lectlib.duo experiments --parts ranking", "length": args.length, **common,
+            "attention_mass": ranking.tolist(), "spearman": rank_correlation(gates, ranking),
+            "seconds": round(time.perf_counter() - begin, 1)}, indent=1))
+        print(f"ranking: Spearman {rank_correlation(gates, ranking):.3f}", flush=True)
+    if "shares" in args.parts:
+        begin = time.perf_counter()
+        rows = share_sweep(model, tokenizer, gates, length=args.length, count=args.count, ppl_tokens=args.ppl_tokens,
+                           sinks=sinks, window=window)
+        (RESULTS / "duo_shares.json").write_text(json.dumps({
+            "command": f"python -m lectlib.duo experiments --parts shares --length {args.length} --count {args.count} "
+                       f"--ppl-tokens {args.ppl_tokens}", "length": args.length, "count": args.count,
+            "ppl_tokens": args.ppl_tokens, **common, "rows": rows, "seconds": round(time.perf_counter() - begin, 1)}, indent=1))
+    if "cost" in args.parts:
+        begin = time.perf_counter()
+        heads = retrieval_heads(gates, share=args.share)
+        caches = {"full": KVCache, "StreamingLLM": lambda: SinkCache(sinks, window, positions="text"),
+                  f"DuoAttention {args.share:.0%}": lambda: DuoAttentionCache(heads, sinks=sinks, window=window)}
+        rows = decode_cost(model, caches, args.cost_lengths)
+        (RESULTS / "duo_cost.json").write_text(json.dumps({
+            "command": "python -m lectlib.duo experiments --parts cost --cost-lengths "
+                       + " ".join(map(str, args.cost_lengths)) + f" --share {args.share}", "share": args.share,
+            **common, "rows": rows, "seconds": round(time.perf_counter() - begin, 1)}, indent=1))
+
+
 def main(argv=None) -> None:
     import argparse
 
@@ -576,9 +618,19 @@ def main(argv=None) -> None:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--minutes", type=float, default=None, help="stop after this much time (a CPU budget)")
     train.add_argument("--out", default=str(GATES_FILE))
+    experiments = sub.add_parser("experiments", help="gate map vs attention ranking, the share sweep, decoding cost")
+    experiments.add_argument("--parts", nargs="+", default=["ranking", "shares", "cost"])
+    experiments.add_argument("--gates", default=str(GATES_FILE))
+    experiments.add_argument("--length", type=int, default=640)
+    experiments.add_argument("--count", type=int, default=3)
+    experiments.add_argument("--ppl-tokens", type=int, default=1024)
+    experiments.add_argument("--share", type=float, default=0.25)
+    experiments.add_argument("--cost-lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
     args = parser.parse_args(argv)
     if args.command == "train":
         train_command(args)
+    else:
+        experiments_command(args)
 
 
 if __name__ == "__main__":
