@@ -13,8 +13,12 @@ model is lectlib's Llama or a Hugging Face causal LM; `cache_factory`, `prefill_
 `position_offset` let later chapters run the same tests on compressed caches and scaled RoPE.
 """
 
+import copy
+import json
 import math
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -61,7 +65,9 @@ def perplexity(model, input_ids: torch.Tensor, *, chunk: int = 512, cache: KVCac
 
 
 # ---------------------------------------------------------------------------------------------
-# Generation shared by every retrieval task: one greedy answer from lectlib's Llama or a HF model.
+# Reading a prompt and answering it: greedy generation (free) and teacher forcing (retrieval).
+# Both run on lectlib's Llama (through a KV cache, the hook for compression policies) or on a
+# Hugging Face causal LM (through its own cache).
 
 def _is_lectlib(model) -> bool:
     return isinstance(model, torch.nn.Module) and hasattr(model, "hidden_states")
@@ -73,6 +79,68 @@ def _check_ids(input_ids) -> None:
         raise ValueError(f"input_ids must be a (1, N) tensor, got {shape}")
     if input_ids.shape[1] == 0:
         raise ValueError("input_ids must hold at least one token, got (1, 0)")
+
+
+def _forward(model, ids: torch.Tensor, positions: torch.Tensor, cache):
+    """(logits (n, V) of the n tokens `ids` (1, n) at `positions` (n,), the cache after them)."""
+    if _is_lectlib(model):
+        return model(ids, cache=cache, positions=positions)[0], cache
+    out = model(ids, position_ids=positions[None], past_key_values=cache, use_cache=True)
+    return out.logits[0], out.past_key_values
+
+
+@torch.no_grad()
+def _read(model, input_ids, *, cache, positions, prefill_chunk):
+    """Prefill: (logits (V,) after the last prompt token, the cache, the next position)."""
+    _check_ids(input_ids)
+    n = input_ids.shape[1]
+    if positions is not None and (positions.dim() != 1 or positions.shape[0] != n):
+        raise ValueError(f"positions must be ({n},), one per prompt token, got {tuple(positions.shape)}")
+    if prefill_chunk is not None and prefill_chunk <= 0:
+        raise ValueError(f"prefill_chunk must be positive or None, got {prefill_chunk}")
+    device = next(model.parameters()).device
+    input_ids = input_ids.to(device)
+    positions = torch.arange(n, device=device) if positions is None else positions.to(device)
+    cache = KVCache() if _is_lectlib(model) and cache is None else cache
+    chunk = prefill_chunk or n
+    for start in range(0, n, chunk):
+        logits, cache = _forward(model, input_ids[:, start:start + chunk], positions[start:start + chunk], cache)
+    return logits[-1], cache, int(positions[-1]) + 1
+
+
+@torch.no_grad()
+def _greedy(model, tokenizer, logits, cache, next_pos: int, max_new_tokens: int, stop: str | None) -> str:
+    """Greedy tokens from `logits` (V,) on, decoded, until EOS, `stop` or `max_new_tokens`."""
+    device = logits.device
+    new: list[int] = []
+    for i in range(max_new_tokens):
+        token = int(logits.argmax())
+        if token == tokenizer.eos_token_id:
+            break
+        new.append(token)
+        if stop and stop in tokenizer.decode(new, skip_special_tokens=True).lstrip() or i == max_new_tokens - 1:
+            break
+        logits, cache = _forward(model, torch.tensor([[token]], device=device),
+                                 torch.tensor([next_pos + i], device=device), cache)
+        logits = logits[-1]
+    text = tokenizer.decode(new, skip_special_tokens=True).strip()
+    return text.split(stop)[0].strip() if stop else text
+
+
+@torch.no_grad()
+def _forced(model, logits, cache, next_pos: int, tokens: list[int]) -> torch.Tensor:
+    """(len(tokens), V) log-probabilities predicting each of `tokens`, each fed in turn (teacher forcing).
+
+    `logits` (V,) predict the first token; the tokens go in one at a time, as in decoding, so a
+    cache policy sees the same calls as when it generates.
+    """
+    device = logits.device
+    rows = [logits]
+    for i, token in enumerate(tokens[:-1]):
+        step, cache = _forward(model, torch.tensor([[token]], device=device),
+                               torch.tensor([next_pos + i], device=device), cache)
+        rows.append(step[-1])
+    return torch.log_softmax(torch.stack(rows).float(), dim=-1)
 
 
 @torch.no_grad()
@@ -88,43 +156,92 @@ def generate_answer(model, tokenizer, input_ids: torch.Tensor, *, max_new_tokens
     `prefill_chunk` feeds the prompt that many tokens at a time, so a cache that evicts does so
     while reading the prompt too (as a streaming model would), not only while answering.
     """
-    _check_ids(input_ids)
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
-    n = input_ids.shape[1]
-    if positions is not None and (positions.dim() != 1 or positions.shape[0] != n):
-        raise ValueError(f"positions must be ({n},), one per prompt token, got {tuple(positions.shape)}")
-    if prefill_chunk is not None and prefill_chunk <= 0:
-        raise ValueError(f"prefill_chunk must be positive or None, got {prefill_chunk}")
-    device = next(model.parameters()).device
-    input_ids = input_ids.to(device)
-    positions = torch.arange(n, device=device) if positions is None else positions.to(device)
-    lectlib = _is_lectlib(model)
-    cache = KVCache() if lectlib and cache is None else cache
+    logits, cache, next_pos = _read(model, input_ids, cache=cache, positions=positions, prefill_chunk=prefill_chunk)
+    return _greedy(model, tokenizer, logits, cache, next_pos, max_new_tokens, stop)
 
-    def step(ids, pos):
-        nonlocal cache
-        if lectlib:
-            return model(ids, cache=cache, positions=pos)[:, -1]
-        out = model(ids, position_ids=pos[None], past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
-        return out.logits[:, -1]
 
-    chunk = prefill_chunk or n
-    for start in range(0, n, chunk):
-        logits = step(input_ids[:, start:start + chunk], positions[start:start + chunk])
-    next_pos = int(positions[-1]) + 1
-    new: list[int] = []
-    for i in range(max_new_tokens):
-        token = int(logits[0].argmax())
-        if token == tokenizer.eos_token_id:
-            break
-        new.append(token)
-        if stop and stop in tokenizer.decode(new, skip_special_tokens=True).lstrip() or i == max_new_tokens - 1:
-            break
-        logits = step(torch.tensor([[token]], device=device), torch.tensor([next_pos + i], device=device))
-    text = tokenizer.decode(new, skip_special_tokens=True).strip()
-    return text.split(stop)[0].strip() if stop else text
+@dataclass(frozen=True)
+class Probe:
+    """One retrieval question, split so that retrieval is scored apart from the answer's format.
+
+    prompt: (1, N) int64, ends where a free answer starts ("... What is the pass key? The pass key is");
+    prefix: token ids of the fixed answer prefix that follow the prompt and end exactly where the
+        answer starts (SmolLM2 writes " 68301" as " " then five digits, so the passkey's prefix is (" ",));
+    answer: token ids of the answer (the five digits); text: the answer as a string;
+    spans: (start, end) slices of `answer` that must each be retrieved (keywords), all of it by default.
+    """
+
+    prompt: torch.Tensor
+    prefix: tuple[int, ...]
+    answer: tuple[int, ...]
+    text: str
+    spans: tuple[tuple[int, int], ...]
+
+
+def split_answer(tokenizer, prefix: str, answer: str) -> tuple[list[int], list[int]]:
+    """(prefix ids, answer ids): the tokens of prefix + answer, cut where the answer starts.
+
+    Tokenizing the two together gives the tokens a model would write; the cut must fall on a
+    token boundary (else the prefix's last token already holds part of the answer).
+    """
+    ids = _encode(tokenizer, prefix + answer)
+    for k in range(len(ids) + 1):
+        if tokenizer.decode(ids[:k]) == prefix:
+            if k == len(ids):
+                break
+            return ids[:k], ids[k:]
+    raise ValueError(f"answer {answer!r} does not start on a token boundary after the prefix {prefix!r} "
+                     f"(tokens {[tokenizer.decode([i]) for i in ids]})")
+
+
+def make_probe(tokenizer, prompt: torch.Tensor, prefix: str, answer: str, keywords=None) -> Probe:
+    """The Probe asking `prompt` (1, N) for `answer` after the answer prefix `prefix` (text).
+
+    `keywords` (substrings of the answer, default: the whole answer) are the parts scored as
+    retrieved or not; each must cover whole tokens of the answer.
+    """
+    _check_ids(prompt)
+    prefix_ids, answer_ids = split_answer(tokenizer, prefix, answer)
+    spans = []
+    for word in keywords or (answer,):
+        spans.append(_token_span(tokenizer, prefix_ids, answer_ids, prefix + answer, word))
+    return Probe(prompt, tuple(prefix_ids), tuple(answer_ids), answer, tuple(spans))
+
+
+def _token_span(tokenizer, prefix_ids, answer_ids, full: str, word: str) -> tuple[int, int]:
+    """(start, end) such that answer_ids[start:end] decodes to `word` (with its leading space if any)."""
+    for start in range(len(answer_ids)):
+        for end in range(start + 1, len(answer_ids) + 1):
+            if tokenizer.decode(answer_ids[start:end]).strip() == word:
+                return start, end
+    raise ValueError(f"keyword {word!r} is not whole tokens of the answer {full!r}")
+
+
+@torch.no_grad()
+def score_probe(model, tokenizer, probe: Probe, *, cache: KVCache | None = None,
+                positions: torch.Tensor | None = None, prefill_chunk: int | None = None,
+                max_new_tokens: int = 12, stop: str | None = "\n") -> dict:
+    """Retrieval and free-generation scores of one Probe: {retrieved, logprob, greedy, answer}.
+
+    The prompt is read once (through `cache`, `positions`, `prefill_chunk` as in generate_answer);
+    then, on a copy of the cache, the answer prefix and the answer are fed teacher-forced:
+    - logprob: Σ log p(answer token | prompt, prefix, answer tokens before it), nats;
+    - greedy: per answer token, whether it is the most likely next token (a list of bools);
+    - retrieved: the fraction of `probe.spans` whose tokens are all greedy-correct (1 or 0 for
+      a passkey: greedy decoding after the prefix writes exactly the key);
+    - answer: the free greedy continuation of the prompt alone, for a task's own string scorer.
+    """
+    logits, cache, next_pos = _read(model, probe.prompt, cache=cache, positions=positions,
+                                    prefill_chunk=prefill_chunk)
+    forked = copy.deepcopy(cache)
+    logp = _forced(model, logits, forked, next_pos, list(probe.prefix + probe.answer))[len(probe.prefix):]
+    target = torch.tensor(probe.answer, device=logp.device)
+    greedy = (logp.argmax(-1) == target).tolist()
+    retrieved = sum(all(greedy[a:b]) for a, b in probe.spans) / len(probe.spans)
+    return {"retrieved": retrieved, "logprob": float(logp.gather(1, target[:, None]).sum()),
+            "greedy": greedy, "answer": _greedy(model, tokenizer, logits, cache, next_pos, max_new_tokens, stop)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,11 +255,14 @@ PASSKEY_KEY = "The pass key is {passkey}. Remember it. {passkey} is the pass key
 PASSKEY_QUESTION = "What is the pass key? The pass key is"
 
 
-def _check_length_depth(length: int, depth: float) -> None:
-    if not 0.0 <= depth <= 1.0:
-        raise ValueError(f"depth must lie in [0, 1] (0 = start of the context, 1 = its end), got {depth}")
-    if length <= 0:
-        raise ValueError(f"length must be a positive number of tokens, got {length}")
+def _check_length(length) -> None:
+    if isinstance(length, bool) or not isinstance(length, int) or length <= 0:
+        raise ValueError(f"length must be a positive number of tokens, got {length!r}")
+
+
+def _check_depth(depth) -> None:
+    if isinstance(depth, bool) or not isinstance(depth, (int, float)) or not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth must lie in [0, 1] (0 = start of the context, 1 = its end), got {depth!r}")
 
 
 def _encode(tokenizer, text: str) -> list[int]:
@@ -187,7 +307,8 @@ def passkey_prompt(tokenizer, length: int, depth: float, passkey: int | str | No
     chat template (for instruct models; the question then ends the assistant's turn).
     Returns (input_ids (1, N) int64, answer string).
     """
-    _check_length_depth(length, depth)
+    _check_length(length)
+    _check_depth(depth)
     answer = _random_passkey(seed) if passkey is None else str(passkey)
     if not answer.isdigit():
         raise ValueError(f"passkey must be a number, got {passkey!r}")
@@ -209,6 +330,13 @@ def passkey_prompt(tokenizer, length: int, depth: float, passkey: int | str | No
     return torch.tensor([ids], dtype=torch.int64), answer
 
 
+def passkey_probe(tokenizer, length: int, depth: float, passkey: int | str | None = None, *, seed: int = 0,
+                  chat: bool = False) -> Probe:
+    """The passkey prompt (`passkey_prompt`) as a Probe: answer prefix " ", answer the key's digits."""
+    ids, answer = passkey_prompt(tokenizer, length, depth, passkey, seed=seed, chat=chat)
+    return make_probe(tokenizer, ids, " ", answer)
+
+
 def passkey_correct(generated: str, answer: str) -> bool:
     """Exact match: the first number in the model's answer is the passkey."""
     import re
@@ -218,19 +346,26 @@ def passkey_correct(generated: str, answer: str) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# Grids: every task is a cell function (length, depth, trial) -> (score, answer, n_tokens).
+# Grids: every task is a cell function (a, b, trial) -> scores of one probe; rows hold the mean
+# and the spread over trials.
 
-def _run_grid(cell, grid: dict[str, list], trials: int, desc: str, progress: bool) -> list[dict]:
-    """Tidy rows, one per combination of `grid`'s two axes: {<axis>: value, ..., accuracy, tokens, seconds, answers}.
+def _check_trials(trials) -> None:
+    if isinstance(trials, bool) or not isinstance(trials, int) or trials <= 0:
+        raise ValueError(f"trials must be a positive integer, got {trials!r}")
 
-    `cell(a, b, trial) -> (score in [0, 1], generated text, prompt tokens)`; accuracy is the mean score.
+
+def _run_grid(cell, grid: dict[str, list], trials: int, desc: str, progress: bool, on_row=None) -> list[dict]:
+    """Tidy rows, one per combination of `grid`'s two axes.
+
+    `cell(a, b, trial) -> {retrieved, logprob, free, answer, tokens}` (scores of one probe). A row:
+    {<axis a>, <axis b>, accuracy (mean retrieved), accuracy_min, accuracy_max, logprob (mean),
+    logprob_min, logprob_max, free (mean free-generation score), tokens (of the last prompt),
+    seconds, answers (free generations), retrieved and logprobs (one per trial)}.
+    `on_row(rows)` is called after each row (a recording saves its progress there).
     """
-    import time
-
     from tqdm.auto import tqdm
 
-    if trials <= 0:
-        raise ValueError(f"trials must be positive, got {trials}")
+    _check_trials(trials)
     (name_a, values_a), (name_b, values_b) = grid.items()
     if not values_a or not values_b:
         raise ValueError(f"{name_a} and {name_b} must be non-empty, got {values_a} and {values_b}")
@@ -239,78 +374,116 @@ def _run_grid(cell, grid: dict[str, list], trials: int, desc: str, progress: boo
     for a in values_a:
         for b in values_b:
             start = time.perf_counter()
-            scores, answers, n_tokens = [], [], 0
+            scores = []
             for trial in range(trials):
-                score, answer, n_tokens = cell(a, b, trial)
-                scores.append(float(score))
-                answers.append(answer)
+                scores.append(cell(a, b, trial))
                 bar.update()
-            rows.append({name_a: a, name_b: b, "accuracy": sum(scores) / trials, "tokens": n_tokens,
-                         "seconds": time.perf_counter() - start, "answers": answers})
+            retrieved = [float(s["retrieved"]) for s in scores]
+            logprobs = [float(s["logprob"]) for s in scores]
+            rows.append({name_a: a, name_b: b, "accuracy": sum(retrieved) / trials,
+                         "accuracy_min": min(retrieved), "accuracy_max": max(retrieved),
+                         "logprob": sum(logprobs) / trials, "logprob_min": min(logprobs),
+                         "logprob_max": max(logprobs), "free": sum(float(s["free"]) for s in scores) / trials,
+                         "tokens": scores[-1]["tokens"], "seconds": time.perf_counter() - start,
+                         "answers": [s["answer"] for s in scores], "retrieved": retrieved, "logprobs": logprobs})
+            if on_row is not None:
+                on_row(rows)
     bar.close()
     return rows
 
 
 def _length_depth_grid(lengths, depths) -> dict[str, list]:
-    lengths, depths = list(lengths), list(depths)
+    lengths, depths = [lengths] if isinstance(lengths, int) else list(lengths), list(depths)
+    if not lengths or not depths:
+        raise ValueError(f"lengths and depths must be non-empty, got lengths={lengths}, depths={depths}")
     for length in lengths:
-        for depth in depths:
-            _check_length_depth(length, depth)
+        _check_length(length)
+    for depth in depths:
+        _check_depth(depth)
     return {"length": lengths, "depth": depths}
 
 
-def _answer(model, tokenizer, ids, *, cache_factory, position_offset: int, prefill_chunk: int | None,
-            max_new_tokens: int, stop: str | None = "\n") -> str:
-    positions = None if not position_offset else torch.arange(position_offset, position_offset + ids.shape[1])
+def _score_cell(model, tokenizer, probe: Probe, free_score, *, cache_factory, position_offset: int,
+                prefill_chunk: int | None, max_new_tokens: int, stop: str | None = "\n") -> dict:
+    """score_probe on a fresh cache from `cache_factory`, with `free_score(answer)` as `free`."""
+    n = probe.prompt.shape[1]
+    positions = None if not position_offset else torch.arange(position_offset, position_offset + n)
     cache = cache_factory() if cache_factory is not None else None
-    return generate_answer(model, tokenizer, ids, max_new_tokens=max_new_tokens, cache=cache, positions=positions,
-                           stop=stop, prefill_chunk=prefill_chunk)
+    out = score_probe(model, tokenizer, probe, cache=cache, positions=positions, prefill_chunk=prefill_chunk,
+                      max_new_tokens=max_new_tokens, stop=stop)
+    return {**out, "free": float(free_score(out["answer"])), "tokens": n}
 
 
 def passkey_accuracy(model, tokenizer, lengths, depths, *, trials: int = 3, seed: int = 0, chat: bool = False,
                      cache_factory=None, position_offset: int = 0, prefill_chunk: int | None = None,
-                     max_new_tokens: int = 8,
-                     progress: bool = True) -> list[dict]:
-    """Passkey accuracy over the grid lengths x depths: one tidy row per cell.
+                     max_new_tokens: int = 8, progress: bool = True, on_row=None) -> list[dict]:
+    """Passkey retrieval over the grid lengths x depths: one tidy row per cell (see `_run_grid`).
 
-    Trial t of every cell hides the key drawn from seed `seed * 1000 + t`, so cells are compared
-    on the same keys. `cache_factory()` makes a fresh KV cache per prompt for lectlib's Llama (a
-    compression policy); `position_offset` shifts the prompt's positions (RoPE-scaling chapters).
-    Rows: {length, depth, accuracy, tokens (of the last prompt), seconds, answers (generated)}.
+    `accuracy` is retrieval: the key is the greedy continuation of the prompt plus the answer
+    prefix " " (`score_probe`); `logprob` the key's log-probability there; `free` the old
+    score, the first number of the free greedy answer (`passkey_correct`), which also measures
+    whether the model chooses to answer with a number. Trial t of every cell hides the key
+    drawn from seed `seed * 1000 + t`, so cells are compared on the same keys.
+    `cache_factory()` makes a fresh KV cache per prompt for lectlib's Llama (a compression
+    policy); `position_offset` shifts the prompt's positions (RoPE-scaling chapters).
     """
     def cell(length, depth, trial):
-        ids, answer = passkey_prompt(tokenizer, length, depth, seed=seed * 1000 + trial, chat=chat)
-        generated = _answer(model, tokenizer, ids, cache_factory=cache_factory, position_offset=position_offset,
-                            prefill_chunk=prefill_chunk, max_new_tokens=max_new_tokens)
-        return passkey_correct(generated, answer), generated, ids.shape[1]
+        probe = passkey_probe(tokenizer, length, depth, seed=seed * 1000 + trial, chat=chat)
+        return _score_cell(model, tokenizer, probe, lambda a: passkey_correct(a, probe.text),
+                           cache_factory=cache_factory, position_offset=position_offset,
+                           prefill_chunk=prefill_chunk, max_new_tokens=max_new_tokens)
 
-    return _run_grid(cell, _length_depth_grid(lengths, depths), trials, "passkey", progress)
+    return _run_grid(cell, _length_depth_grid(lengths, depths), trials, "passkey", progress, on_row)
 
 
 # ---------------------------------------------------------------------------------------------
 # Needle in a haystack (Kamradt 2023): a sentence at a depth of a long real document.
 
+def _words(text: str) -> set[str]:
+    import re
+
+    return set(re.findall(r"[a-z0-9]+", text.lower()))
+
+
 @dataclass(frozen=True)
 class Needle:
-    """A fact to hide, the question that asks for it, the answer's opening words and the words that score it."""
+    """A fact to hide, the question that asks for it, and its answer.
+
+    The model's answer is scored after "Answer: " + `answer_prefix`, a fixed opening that shares
+    no word with the needle (so it does not hand the model the needle's words to copy), then
+    `answer`, the words of the needle that answer the question; `keywords` are the parts of the
+    answer that must be retrieved (each scored 0 or 1, the score is their mean).
+    """
 
     sentence: str
     question: str
     answer_prefix: str
+    answer: str
     keywords: tuple[str, ...]
+
+    def __post_init__(self):
+        shared = _words(self.answer_prefix) & _words(self.sentence)
+        if shared:
+            raise ValueError(f"answer_prefix {self.answer_prefix!r} must share no word with the needle, "
+                             f"shares {sorted(shared)}")
+        if self.answer not in self.sentence:
+            raise ValueError(f"answer {self.answer!r} must be words of the needle {self.sentence!r}")
+        if isinstance(self.keywords, str) or not self.keywords or any(k not in self.answer for k in self.keywords):
+            raise ValueError(f"keywords must be a non-empty tuple of parts of the answer {self.answer!r}, "
+                             f"got {self.keywords!r}")
 
 
 NEEDLES = {
     "san_francisco": Needle("The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park "
                             "on a sunny day.",
                             "What is the best thing to do in San Francisco?",
-                            "The best thing to do in San Francisco is", ("sandwich", "Dolores Park")),
+                            "You should", "eat a sandwich and sit in Dolores Park", ("sandwich", "Dolores Park")),
     "soup": Needle("The secret ingredient of grandmother's soup is smoked paprika.",
                    "What is the secret ingredient of grandmother's soup?",
-                   "The secret ingredient of grandmother's soup is", ("smoked paprika",)),
+                   "She uses", "smoked paprika", ("smoked paprika",)),
     "vault": Needle("The code word that opens the old vault is pineapple.",
                     "What is the code word that opens the old vault?",
-                    "The code word that opens the old vault is", ("pineapple",)),
+                    "Password:", "pineapple", ("pineapple",)),
 }
 
 
@@ -341,27 +514,36 @@ def _haystack_start(tokenizer, n: int, seed: int) -> int:
     return start + 1
 
 
+def _needle(needle) -> Needle:
+    if isinstance(needle, Needle):
+        return needle
+    if needle not in NEEDLES:
+        raise ValueError(f"needle must be a Needle or one of {sorted(NEEDLES)}, got {needle!r}")
+    return NEEDLES[needle]
+
+
 def needle_prompt(tokenizer, length: int, depth: float, needle: Needle | str = "san_francisco", *, seed: int = 0,
                   chat: bool = False) -> tuple[torch.Tensor, Needle, int]:
     """The haystack prompt of exactly `length` tokens with the needle sentence at the boundary nearest `depth`.
 
-    The haystack is a seeded slice of the King James Bible (lectlib.data); the question and the
-    answer's first words ("...San Francisco is") take a buffer at the end, the haystack fills the
-    rest. `depth` is the needle's place as a fraction of the haystack: it goes in at the sentence
+    The haystack is a seeded slice of the King James Bible (lectlib.data); the question
+    ("\n\nQuestion: ...\nAnswer:") takes a buffer at the end, the haystack fills the rest.
+    `depth` is the needle's place as a fraction of the haystack: it goes in at the sentence
     boundary nearest depth * haystack tokens (0 = before the first token, 1 = after the last).
+    `needle` is a Needle or the name of one in NEEDLES.
     Returns (input_ids (1, length) int64, the needle, the token index where the needle starts).
     """
     from . import data
 
-    _check_length_depth(length, depth)
-    needle = NEEDLES[needle] if isinstance(needle, str) else needle
+    _check_length(length)
+    _check_depth(depth)
+    needle = _needle(needle)
     head, tail = _chat_parts(tokenizer, chat)
     sentence = _encode(tokenizer, " " + needle.sentence)
     if chat:
-        question = (_encode(tokenizer, "\n\nQuestion: " + needle.question) + tail
-                    + _encode(tokenizer, needle.answer_prefix))
+        question = _encode(tokenizer, "\n\nQuestion: " + needle.question) + tail + _encode(tokenizer, "Answer:")
     else:
-        question = _encode(tokenizer, f"\n\nQuestion: {needle.question}\nAnswer: {needle.answer_prefix}")
+        question = _encode(tokenizer, f"\n\nQuestion: {needle.question}\nAnswer:")
     n_hay = length - len(head) - len(sentence) - len(question)
     if n_hay < 1:
         raise ValueError(f"length {length} leaves no room for a haystack (the needle and question take "
@@ -374,21 +556,37 @@ def needle_prompt(tokenizer, length: int, depth: float, needle: Needle | str = "
     return torch.tensor([ids], dtype=torch.int64), needle, len(head) + at
 
 
+def needle_probe(tokenizer, length: int, depth: float, needle: Needle | str = "san_francisco", *, seed: int = 0,
+                 chat: bool = False) -> tuple[Probe, int]:
+    """(the needle prompt as a Probe, the needle's token index): prefix " " + answer_prefix, answer " " + answer.
+
+    The answer's leading space starts its first token (" eat"), so the prefix ends on a token boundary.
+    """
+    ids, found, at = needle_prompt(tokenizer, length, depth, needle, seed=seed, chat=chat)
+    return make_probe(tokenizer, ids, " " + found.answer_prefix, " " + found.answer, found.keywords), at
+
+
 def needle_accuracy(model, tokenizer, lengths, depths, *, needle: Needle | str = "san_francisco", trials: int = 1,
                     seed: int = 0, chat: bool = False, cache_factory=None, position_offset: int = 0,
-                    prefill_chunk: int | None = None, max_new_tokens: int = 12, progress: bool = True) -> list[dict]:
-    """Needle-in-a-haystack score (keyword fraction) over lengths x depths: one tidy row per cell.
+                    prefill_chunk: int | None = None, max_new_tokens: int = 24, progress: bool = True,
+                    on_row=None) -> list[dict]:
+    """Needle-in-a-haystack scores over lengths x depths: one tidy row per cell (see `_run_grid`).
 
-    Trial t of every cell uses the haystack drawn from seed `seed * 1000 + t`; `cache_factory`
-    `position_offset` and `prefill_chunk` as in `passkey_accuracy`.
+    `accuracy` is retrieval: the fraction of the needle's keywords that are greedy-correct with
+    the answer teacher-forced after "Answer: " + answer_prefix; `logprob` the answer's
+    log-probability there; `free` the keyword fraction in the free answer after "Answer:"
+    (`needle_score`). Trial t of every cell uses the haystack drawn from seed `seed * 1000 + t`;
+    `cache_factory`, `position_offset` and `prefill_chunk` as in `passkey_accuracy`.
     """
-    def cell(length, depth, trial):
-        ids, found, _ = needle_prompt(tokenizer, length, depth, needle, seed=seed * 1000 + trial, chat=chat)
-        generated = _answer(model, tokenizer, ids, cache_factory=cache_factory, position_offset=position_offset,
-                            prefill_chunk=prefill_chunk, max_new_tokens=max_new_tokens)
-        return needle_score(generated, found.keywords), generated, ids.shape[1]
+    found = _needle(needle)
 
-    return _run_grid(cell, _length_depth_grid(lengths, depths), trials, "needle", progress)
+    def cell(length, depth, trial):
+        probe, _ = needle_probe(tokenizer, length, depth, found, seed=seed * 1000 + trial, chat=chat)
+        return _score_cell(model, tokenizer, probe, lambda a: needle_score(a, found.keywords),
+                           cache_factory=cache_factory, position_offset=position_offset,
+                           prefill_chunk=prefill_chunk, max_new_tokens=max_new_tokens)
+
+    return _run_grid(cell, _length_depth_grid(lengths, depths), trials, "needle", progress, on_row)
 
 
 def grid_matrix(rows: list[dict], *, x: str = "length", y: str = "depth", value: str = "accuracy"):
@@ -467,26 +665,36 @@ def kv_correct(generated: str, value: str, *, match_chars: int | None = 8) -> bo
     return generated[:match_chars] == value[:match_chars]
 
 
+def kv_probe(tokenizer, n_pairs: int, position: int, *, seed: int = 0, chat: bool = False,
+             match_chars: int | None = 8) -> Probe:
+    """The key-value prompt (`kv_prompt`, which ends with the value's opening quote) as a Probe:
+    no further prefix, the answer the value's first `match_chars` characters (None: all of it)."""
+    if match_chars is not None and match_chars <= 0:
+        raise ValueError(f"match_chars must be positive or None, got {match_chars}")
+    ids, value = kv_prompt(tokenizer, n_pairs, position, seed=seed, chat=chat)
+    return make_probe(tokenizer, ids, "", value if match_chars is None else value[:match_chars])
+
+
 def kv_accuracy(model, tokenizer, n_pairs, positions=None, *, trials: int = 3, seed: int = 0, chat: bool = False,
                 match_chars: int | None = 8, cache_factory=None, position_offset: int = 0,
-                prefill_chunk: int | None = None,
-                progress: bool = True) -> list[dict]:
-    """Accuracy of key-value retrieval by the asked key's position: rows {pairs, position, accuracy, ...}.
+                prefill_chunk: int | None = None, progress: bool = True, on_row=None) -> list[dict]:
+    """Key-value retrieval by the asked key's position: rows {pairs, position, accuracy, ...} (see `_run_grid`).
 
-    Scored by `kv_correct` (exact match of the first `match_chars` characters of the value).
-
+    `accuracy` is retrieval: the value's first `match_chars` characters are the greedy
+    continuation of the prompt (which ends with the opening quote); `logprob` their
+    log-probability; `free` the free answer scored by `kv_correct`.
     `n_pairs` is a number or a list of them; `positions` (indices, each below every n_pairs)
     defaults to five evenly spaced ones from first to last. Trial t of every cell uses the pairs
     drawn from seed `seed * 1000 + t` (the same JSON for every position, as in the paper).
     """
     def cell(n, position, trial):
-        ids, value = kv_prompt(tokenizer, n, position, seed=seed * 1000 + trial, chat=chat)
-        target = value if match_chars is None else value[:match_chars]
-        generated = _answer(model, tokenizer, ids, cache_factory=cache_factory, position_offset=position_offset,
-                            prefill_chunk=prefill_chunk, max_new_tokens=len(_encode(tokenizer, target)) + 1, stop='"')
-        return kv_correct(generated, value, match_chars=match_chars), generated, ids.shape[1]
+        probe = kv_probe(tokenizer, n, position, seed=seed * 1000 + trial, chat=chat, match_chars=match_chars)
+        # probe.text is the value's first match_chars characters: kv_correct compares only those
+        return _score_cell(model, tokenizer, probe, lambda a: kv_correct(a, probe.text, match_chars=match_chars),
+                           cache_factory=cache_factory, position_offset=position_offset,
+                           prefill_chunk=prefill_chunk, max_new_tokens=len(probe.answer) + 1, stop='"')
 
-    return _run_grid(cell, _count_position_grid("pairs", n_pairs, positions), trials, "kv retrieval", progress)
+    return _run_grid(cell, _count_position_grid("pairs", n_pairs, positions), trials, "kv retrieval", progress, on_row)
 
 
 def _count_position_grid(name: str, counts, positions) -> dict[str, list]:
@@ -555,24 +763,25 @@ def passage_prompt(tokenizer, n_passages: int, position: int, *, verses: int = 3
 
 def passage_accuracy(model, tokenizer, n_passages, positions=None, *, verses: int = 3, trials: int = 3,
                      seed: int = 0, chat: bool = False, cache_factory=None, position_offset: int = 0,
-                     prefill_chunk: int | None = None, progress: bool = True) -> list[dict]:
-    """PassageRetrieval accuracy by the quoted paragraph's position: rows {passages, position, accuracy, ...}.
+                     prefill_chunk: int | None = None, progress: bool = True, on_row=None) -> list[dict]:
+    """PassageRetrieval by the quoted paragraph's position: rows {passages, position, accuracy, ...}.
 
-    Scored by exact match of the first number the model writes (`passkey_correct`); chance is
+    `accuracy`: the paragraph's number is the greedy continuation of "... Paragraph" + " ";
+    `free`: the first number of the free answer is right (`passkey_correct`). Chance is
     1 / n_passages. Trial t of every cell uses the paragraphs drawn from seed `seed * 1000 + t`.
     """
     def cell(n, position, trial):
         ids, answer = passage_prompt(tokenizer, n, position, verses=verses, seed=seed * 1000 + trial, chat=chat)
-        generated = _answer(model, tokenizer, ids, cache_factory=cache_factory, position_offset=position_offset,
-                            prefill_chunk=prefill_chunk, max_new_tokens=3)
-        return passkey_correct(generated, answer), generated, ids.shape[1]
+        return _score_cell(model, tokenizer, make_probe(tokenizer, ids, " ", answer),
+                           lambda a: passkey_correct(a, answer), cache_factory=cache_factory,
+                           position_offset=position_offset, prefill_chunk=prefill_chunk, max_new_tokens=3)
 
     return _run_grid(cell, _count_position_grid("passages", n_passages, positions), trials, "passage retrieval",
-                     progress)
+                     progress, on_row)
 
 
 def rescore(rows: list[dict], score) -> list[dict]:
-    """The rows with `accuracy` recomputed as the mean of `score(answer)` over each row's answers.
+    """The rows with `free` recomputed as the mean of `score(answer)` over each row's free answers.
 
     Generation is the slow part of a grid; scoring is cheap, so a grid's saved answers can be
     scored again under another rule (strict vs lenient) without running the model.
@@ -581,5 +790,81 @@ def rescore(rows: list[dict], score) -> list[dict]:
     for row in rows:
         if not row.get("answers"):
             raise ValueError(f"each row needs its generated 'answers' to rescore, got {row}")
-        out.append({**row, "accuracy": sum(float(score(a)) for a in row["answers"]) / len(row["answers"])})
+        out.append({**row, "free": sum(float(score(a)) for a in row["answers"]) / len(row["answers"])})
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Recording: grids too slow for a chapter on a CPU are run once by a command and saved, with the
+# machine, date, versions and settings; the chapter plots the record at the book scale.
+
+RESULTS = Path(__file__).resolve().parent.parent / "data" / "results"
+RECORDED_TASKS = {"passkey": passkey_accuracy, "needle": needle_accuracy}
+
+
+def record(task: str, lengths, depths, *, trials: int, seed: int = 0, threads: int | None = None, path=None) -> dict:
+    """Run `task`'s grid on SmolLM2 and merge its rows into data/results/evals_<task>.json.
+
+    Cells already in the file (same length and depth) are replaced; the file is rewritten after
+    every cell, so an interrupted recording keeps what it measured. Trials and seed must match
+    the file's. Returns the record {task, model, machine, date, versions, settings, rows}.
+    """
+    import os
+    import platform
+
+    import transformers
+
+    from . import models
+
+    if task not in RECORDED_TASKS:
+        raise ValueError(f"task must be one of {sorted(RECORDED_TASKS)}, got {task!r}")
+    _check_trials(trials)
+    grid = _length_depth_grid(lengths, depths)
+    path = RESULTS / f"evals_{task}.json" if path is None else Path(path)
+    settings = {"trials": trials, "seed": seed, "chat": False, "scorer": "forced answer prefix (score_probe)"}
+    rec = json.loads(path.read_text()) if path.exists() else {"task": task, "settings": settings, "rows": []}
+    if rec["settings"] != settings:
+        raise ValueError(f"{path} holds settings {rec['settings']}, this recording {settings}: use another path")
+    if threads is not None:
+        torch.set_num_threads(threads)
+    model, tokenizer = models.load()
+    new_cells = {(length, depth) for length in grid["length"] for depth in grid["depth"]}
+    kept = [r for r in rec["rows"] if (r["length"], r["depth"]) not in new_cells]
+    rec.update(model=models.DEFAULT_MODEL, machine=f"{platform.machine()} {platform.processor() or ''}".strip()
+               + f", {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads",
+               date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+               versions={"python": platform.python_version(), "torch": torch.__version__,
+                         "transformers": transformers.__version__})
+
+    def save(rows):
+        rec["rows"] = sorted(kept + rows, key=lambda r: (r["length"], r["depth"]))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(rec, indent=1))
+
+    RECORDED_TASKS[task](model, tokenizer, grid["length"], grid["depth"], trials=trials, seed=seed, on_row=save)
+    return rec
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m lectlib.evals", description="Record a retrieval grid "
+                                     "(passkey or needle) of SmolLM2 into data/results/evals_<task>.json.")
+    parser.add_argument("command", choices=["record"])
+    parser.add_argument("task", choices=sorted(RECORDED_TASKS))
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
+    parser.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
+    parser.add_argument("--trials", type=int, default=5, help="keys (passkey) or haystacks (needle) per cell")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", default=None, help="default data/results/evals_<task>.json")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    rec = record(args.task, args.lengths, args.depths, trials=args.trials, seed=args.seed, threads=args.threads,
+                 path=args.out)
+    print(f"{len(rec['rows'])} cells in {args.out or RESULTS / f'evals_{args.task}.json'} "
+          f"({time.perf_counter() - start:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -47,7 +47,7 @@ def _(candidate):
 
 def _needle_heatmap_reference(rows, keywords):
     """z[i][j]: mean keyword score of the answers at depth ys[i] and length xs[j] (both sorted)."""
-    return evals.grid_matrix(evals.rescore(rows, lambda answer: evals.needle_score(answer, keywords)))[0]
+    return evals.grid_matrix(evals.rescore(rows, lambda answer: evals.needle_score(answer, keywords)), value="free")[0]
 
 
 @exercise("needle_heatmap", reference=_needle_heatmap_reference)
