@@ -254,6 +254,16 @@ class ScoredCache(KVCache):
             store[layer] = store[layer].gather(2, index)
 
 
+class RecentCache(ScoredCache):
+    """The newest `budget` tokens, after the first `sinks`: window attention (sinks=0) and StreamingLLM
+    (Xiao et al. 2023, sinks=4) as a scoring rule (score = text position), so that, like every scored
+    policy and unlike `SinkCache`, a chunk of new tokens still sees the whole budget before eviction."""
+
+    def score(self, layer, q, k, scale):
+        held = self.keys[layer].shape[2]
+        return torch.arange(held, dtype=torch.float32, device=k.device).expand(k.shape[0], k.shape[1], held)
+
+
 def _group_mean(x: torch.Tensor, n_kv_heads: int) -> torch.Tensor:
     """(B, H, ...) per query head -> (B, H_kv, ...): the mean over each KV head's group of query heads."""
     return x.view(x.shape[0], n_kv_heads, x.shape[1] // n_kv_heads, *x.shape[2:]).mean(2)

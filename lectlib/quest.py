@@ -56,8 +56,8 @@ class QuestCache(KVCache):
     """Quest (Tang et al. 2024): every token held; each query after the prompt attends to its top
     `pages` pages of `page_size` tokens by the bound of `page_bounds` (the prompt attends in full).
 
-    `read_bytes[layer]`: bytes of keys and values read by the layer's last attention (the union
-    of the pages its queries chose, per KV head) plus the pages' min/max metadata.
+    `read_bytes[layer]`: bytes of keys and values one query of the layer's last attention read, on
+    average (per KV head, the union of the pages its query heads chose), plus the pages' min/max.
     """
 
     def __init__(self, pages: int, *, page_size: int = 16, positions: str = "text"):
@@ -80,9 +80,10 @@ class QuestCache(KVCache):
         p = torch.softmax(s.masked_fill(~chosen, float("-inf")), dim=-1)
         out = (p @ repeat_kv(v, n_rep).float()).to(q.dtype)
         B, H_kv, N, D = k.shape
-        tokens_read = chosen.view(B, H_kv, n_rep * q.shape[2], N).any(2).sum()  # union per KV head
+        # per decoding query: the union of the pages its group's query heads chose, per KV head
+        tokens_read = chosen.view(B, H_kv, n_rep, q.shape[2], N).any(2).sum() / q.shape[2]
         metadata = 2 * B * H_kv * (-(-N // self.page_size)) * D
-        self.read_bytes[layer] = int(2 * tokens_read * D + metadata) * element
+        self.read_bytes[layer] = int((2 * tokens_read * D + metadata) * element)
         return out
 
     def bytes_read(self) -> int:
