@@ -335,7 +335,8 @@ class DuoAttentionCache(KVCache):
             parts.append((r, *self.full.update(layer, k[:, r], v[:, r], positions)[:3]))
         if (~r).any():
             parts.append((~r, *self.streaming.update(layer, k[:, ~r], v[:, ~r], positions)[:3]))
-        self.seen = self.streaming.seen if not self.retrieval[0].all() else self.full.seen
+        if layer == 0:
+            self.seen = int(positions[-1]) + 1
         longest = max(part[1].shape[2] for part in parts)
         keys, values = k.new_full((B, H, longest, D), float("nan")), v.new_full((B, H, longest, D), float("nan"))
         key_pos = torch.zeros(B, H, longest, dtype=positions.dtype, device=k.device)
@@ -421,45 +422,42 @@ def rank_correlation(a: torch.Tensor, b: torch.Tensor) -> float:
 SHARES = (0.0, 0.125, 0.25, 0.5, 0.75, 1.0)
 
 
-def retrieval_probes(tokenizer, *, length: int, count: int, seed: int = 0) -> list[tuple[str, torch.Tensor, list[int]]]:
-    """(task, prompt (1, N), answer token ids) for `count` prompts of each task, at depths spread in
-    [0.1, 0.9]: passkey (the digits after "The pass key is "), needle (the "vault" needle: the
-    word after "...the old vault is") and key-value retrieval (the first 8 characters of the value,
-    about `length` tokens of pairs). Scored teacher-forced (`retrieved`), so the answer's format
-    is not scored: only whether the model retrieves it.
+def retrieval_probes(tokenizer, *, length: int, count: int, seed: int = 0) -> list[tuple[str, "evals.Probe"]]:
+    """(task, Probe) for `count` prompts of about `length` tokens per task, at depths spread over
+    [0.1, 0.9]: passkey, needle (the "vault" needle in King James text) and key-value retrieval
+    (about `length` tokens of JSON pairs), from the evaluation harness (`lectlib.evals`).
     """
     from . import evals
 
-    enc = lambda s: tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
     probes = []
     pairs = max(2, round(length / 75))  # a JSON pair of UUIDs is about 75 tokens
     for i in range(count):
-        depth = 0.1 + 0.8 * i / max(count - 1, 1)
-        ids, key = evals.passkey_prompt(tokenizer, length, depth, seed=seed * 1000 + i)
-        digits = enc(" " + key)
-        probes.append(("passkey", torch.cat([ids, torch.tensor([digits[:-len(enc(key))]])], 1) if
-                       len(digits) > len(enc(key)) else ids, digits[-len(enc(key)):]))
-        ids, _, _ = evals.needle_prompt(tokenizer, length, depth, "vault", seed=seed * 1000 + i)
-        probes.append(("needle", ids, enc(" pineapple")))
-        ids, value = evals.kv_prompt(tokenizer, pairs, min(pairs - 1, round(depth * (pairs - 1))), seed=seed * 1000 + i)
-        probes.append(("key-value", ids, enc(value[:8])))
+        depth, trial = 0.1 + 0.8 * i / max(count - 1, 1), seed * 1000 + i
+        probes.append(("passkey", evals.passkey_probe(tokenizer, length, depth, seed=trial)))
+        probes.append(("needle", evals.needle_probe(tokenizer, length, depth, "vault", seed=trial)[0]))
+        probes.append(("key-value", evals.kv_probe(tokenizer, pairs, round(depth * (pairs - 1)), seed=trial)))
     return probes
 
 
 @torch.no_grad()
-def retrieved(model, prompt: torch.Tensor, answer: list[int], cache) -> tuple[bool, int]:
-    """(whether every answer token is the greedy choice when fed teacher-forced, bytes held after the prompt).
+def retrieved(model, probe, cache) -> tuple[float, int]:
+    """(retrieved, bytes held after the prompt) of an `evals.Probe` read through `cache`.
 
-    The prompt goes in whole, then the answer one token at a time (as in decoding), all through `cache`.
+    As `evals.score_probe`: the prompt goes in whole, then the answer prefix and the answer one
+    token at a time (teacher-forced, as in decoding); retrieved = the share of the probe's spans
+    whose tokens are all the greedy choice. Here the model runs inside `kv.attach(model, cache)`,
+    which DuoAttentionCache needs (score_probe forks the cache, and a fork is not attached).
     """
     from . import kv
 
+    fed = list(probe.prefix + probe.answer)
     with kv.attach(model, cache):
-        logits = [model(prompt, cache=cache)[0, -1]]
+        logits = [model(probe.prompt, cache=cache)[0, -1]]
         held = cache.nbytes()
-        for token in answer[:-1]:
+        for token in fed[:-1]:
             logits.append(model(torch.tensor([[token]]), cache=cache)[0, -1])
-    return bool((torch.stack(logits).argmax(-1) == torch.tensor(answer)).all()), held
+    greedy = (torch.stack(logits[len(probe.prefix):]).argmax(-1) == torch.tensor(probe.answer)).tolist()
+    return sum(all(greedy[a:b]) for a, b in probe.spans) / len(probe.spans), held
 
 
 @torch.no_grad()
@@ -487,25 +485,22 @@ def share_sweep(model, tokenizer, gates: torch.Tensor, *, length: int, count: in
 
     probes = retrieval_probes(tokenizer, length=length, count=count)
     text = text_window(tokenizer, ppl_tokens, start=200_000)
+    c, b = model.config, next(model.parameters()).element_size()
+    cache_bytes = lambda n, share: duo_cache_bytes(n_layers=c.n_layers, n_kv_heads=c.n_kv_heads, head_dim=c.head_dim,  # noqa: E731
+                                                   n_tokens=n, share=share, sinks=sinks, window=window, bytes_per_value=b)
     rows = []
     for share in tqdm(shares, desc="shares", disable=not progress):
         heads = retrieval_heads(gates, share=share)
         scores: dict[str, list] = {}
-        for task, prompt, answer in probes:
-            ok, held = retrieved(model, prompt, answer, DuoAttentionCache(heads, sinks=sinks, window=window))
-            full = prompt.shape[1] * 2 * model.config.n_layers * model.config.n_kv_heads * model.config.head_dim * 4
-            scores.setdefault(task, []).append((ok, held, full))
+        for task, probe in probes:
+            ok, held = retrieved(model, probe, DuoAttentionCache(heads, sinks=sinks, window=window))
+            scores.setdefault(task, []).append((ok, held, cache_bytes(probe.prompt.shape[1], 1.0)))
         for task, got in scores.items():
             rows.append({"share": share, "task": task, "score": sum(g[0] for g in got) / len(got),
                          "bytes": sum(g[1] for g in got) / len(got), "full_bytes": sum(g[2] for g in got) / len(got)})
         ppl = gated_perplexity(model, text, heads.float(), sinks=sinks, window=window)
-        rows.append({"share": share, "task": "perplexity", "score": ppl,
-                     "bytes": duo_cache_bytes(n_layers=model.config.n_layers, n_kv_heads=model.config.n_kv_heads,
-                                              head_dim=model.config.head_dim, n_tokens=ppl_tokens, share=share,
-                                              sinks=sinks, window=window, bytes_per_value=4),
-                     "full_bytes": duo_cache_bytes(n_layers=model.config.n_layers, n_kv_heads=model.config.n_kv_heads,
-                                                   head_dim=model.config.head_dim, n_tokens=ppl_tokens, share=1.0,
-                                                   bytes_per_value=4)})
+        rows.append({"share": share, "task": "perplexity", "score": ppl, "bytes": cache_bytes(ppl_tokens, share),
+                     "full_bytes": cache_bytes(ppl_tokens, 1.0)})
     return rows
 
 
@@ -579,9 +574,8 @@ def experiments_command(args) -> None:
         ranking = needle_attention_ranking(model, tokenizer, length=args.length)
         (RESULTS / "duo_ranking.json").write_text(json.dumps({
             "command": "python -m lectlib.duo experiments --parts ranking", "length": args.length, **common,
-            "attention_mass": ranking.tolist(), "spearman": rank_correlation(gates, ranking),
-            "seconds": round(time.perf_counter() - begin, 1)}, indent=1))
-        print(f"ranking: Spearman {rank_correlation(gates, ranking):.3f}", flush=True)
+            "attention_mass": ranking.tolist(), "seconds": round(time.perf_counter() - begin, 1)}, indent=1))
+        print(f"ranking: Spearman ρ with {args.gates}: {rank_correlation(gates, ranking):.3f}", flush=True)
     if "shares" in args.parts:
         begin = time.perf_counter()
         rows = share_sweep(model, tokenizer, gates, length=args.length, count=args.count, ppl_tokens=args.ppl_tokens,
