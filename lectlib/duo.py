@@ -573,7 +573,8 @@ def experiments_command(args) -> None:
         begin = time.perf_counter()
         ranking = needle_attention_ranking(model, tokenizer, length=args.length)
         (RESULTS / "duo_ranking.json").write_text(json.dumps({
-            "command": "python -m lectlib.duo experiments --parts ranking", "length": args.length, **common,
+            "command": f"python -m lectlib.duo experiments --parts ranking --length {args.length}", "length": args.length,
+            **common,
             "attention_mass": ranking.tolist(), "seconds": round(time.perf_counter() - begin, 1)}, indent=1))
         print(f"ranking: Spearman ρ with {args.gates}: {rank_correlation(gates, ranking):.3f}", flush=True)
     if "shares" in args.parts:
