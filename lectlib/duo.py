@@ -422,23 +422,6 @@ def rank_correlation(a: torch.Tensor, b: torch.Tensor) -> float:
 SHARES = (0.0, 0.125, 0.25, 0.5, 0.75, 1.0)
 
 
-def retrieval_probes(tokenizer, *, length: int, count: int, seed: int = 0) -> list[tuple[str, "evals.Probe"]]:
-    """(task, Probe) for `count` prompts of about `length` tokens per task, at depths spread over
-    [0.1, 0.9]: passkey, needle (the "vault" needle in King James text) and key-value retrieval
-    (about `length` tokens of JSON pairs), from the evaluation harness (`lectlib.evals`).
-    """
-    from . import evals
-
-    probes = []
-    pairs = max(2, round(length / 75))  # a JSON pair of UUIDs is about 75 tokens
-    for i in range(count):
-        depth, trial = 0.1 + 0.8 * i / max(count - 1, 1), seed * 1000 + i
-        probes.append(("passkey", evals.passkey_probe(tokenizer, length, depth, seed=trial)))
-        probes.append(("needle", evals.needle_probe(tokenizer, length, depth, "vault", seed=trial)[0]))
-        probes.append(("key-value", evals.kv_probe(tokenizer, pairs, round(depth * (pairs - 1)), seed=trial)))
-    return probes
-
-
 @torch.no_grad()
 def retrieved(model, probe, cache) -> tuple[float, int]:
     """(retrieved, bytes held after the prompt) of an `evals.Probe` read through `cache`.
@@ -461,30 +444,40 @@ def retrieved(model, probe, cache) -> tuple[float, int]:
 
 
 @torch.no_grad()
-def gated_perplexity(model, input_ids: torch.Tensor, gates: torch.Tensor, *, sinks: int = SINKS,
-                     window: int = WINDOW) -> float:
-    """Perplexity of `input_ids` (1, N) with `gates` (L, H_kv) installed: with 0/1 gates, exactly the
-    model decoding through `DuoAttentionCache` (one pass, as `streaming.sink_window_nlls`)."""
+def gated_nlls(model, input_ids: torch.Tensor, gates: torch.Tensor, *, sinks: int = SINKS,
+               window: int = WINDOW) -> torch.Tensor:
+    """(N-1,) next-token NLLs of `input_ids` (1, N) with `gates` (L, H_kv) installed: with 0/1 gates,
+    exactly the model decoding through `DuoAttentionCache` (in one pass, as `streaming.sink_window_nlls`)."""
     from .streaming import _nlls_from_hidden
 
     with gates_installed(model, gates, sinks=sinks, window=window):
         hidden = model.hidden_states(input_ids)[0]
-    return math.exp(_nlls_from_hidden(model, hidden[:-1], input_ids[0, 1:]).mean().item())
+    return _nlls_from_hidden(model, hidden[:-1], input_ids[0, 1:])
 
 
-def share_sweep(model, tokenizer, gates: torch.Tensor, *, length: int, count: int, ppl_tokens: int,
+def gated_perplexity(model, input_ids: torch.Tensor, gates: torch.Tensor, *, sinks: int = SINKS,
+                     window: int = WINDOW) -> float:
+    """exp of the mean of `gated_nlls`."""
+    return math.exp(gated_nlls(model, input_ids, gates, sinks=sinks, window=window).mean().item())
+
+
+def share_sweep(model, tokenizer, gates: torch.Tensor, *, length: int, count: int, context: int, continuation: int,
                 shares=SHARES, sinks: int = SINKS, window: int = WINDOW, progress: bool = True) -> list[dict]:
-    """Rows {share, task, score, bytes, full_bytes}: task passkey / needle / key-value (score: the
-    share of `count` prompts of about `length` tokens retrieved, bytes: held after the prompt) or
-    perplexity (score: over `ppl_tokens` of the King James text; bytes by `duo_cache_bytes`).
-    Full bytes: the full cache's, fp32 like the model."""
+    """Rows {share, task, score, bytes, full_bytes} on the KV-compression leaderboard's prompts
+    (`compression.retrieval_prompts` and `perplexity_prompts`), so the two can share a plot:
+    task passkey / needle / key-value (score: the mean `retrieved` of `count` prompts of `length`
+    tokens; bytes: held after the prompt) or perplexity (score: over the `continuation` tokens after
+    each `context`; bytes held after the context, by `duo_cache_bytes`).
+
+    Unlike the leaderboard's policies, which compress a cache filled by full attention, streaming
+    heads attend to their sinks and window while reading the prompt too (as in the paper).
+    """
     from tqdm.auto import tqdm
 
-    from .data import window as text_window
-    from .kv import KVCache
+    from .compression import perplexity_prompts, retrieval_prompts
 
-    probes = retrieval_probes(tokenizer, length=length, count=count)
-    text = text_window(tokenizer, ppl_tokens, start=200_000)
+    probes = retrieval_prompts(tokenizer, length=length, count=count)
+    texts = perplexity_prompts(tokenizer, context=context, continuation=continuation, count=count)
     c, b = model.config, next(model.parameters()).element_size()
     cache_bytes = lambda n, share: duo_cache_bytes(n_layers=c.n_layers, n_kv_heads=c.n_kv_heads, head_dim=c.head_dim,  # noqa: E731
                                                    n_tokens=n, share=share, sinks=sinks, window=window, bytes_per_value=b)
@@ -492,15 +485,16 @@ def share_sweep(model, tokenizer, gates: torch.Tensor, *, length: int, count: in
     for share in tqdm(shares, desc="shares", disable=not progress):
         heads = retrieval_heads(gates, share=share)
         scores: dict[str, list] = {}
-        for task, probe in probes:
+        for task, ids, probe in probes:
             ok, held = retrieved(model, probe, DuoAttentionCache(heads, sinks=sinks, window=window))
-            scores.setdefault(task, []).append((ok, held, cache_bytes(probe.prompt.shape[1], 1.0)))
+            scores.setdefault(task, []).append((ok, held, cache_bytes(ids.shape[1], 1.0)))
         for task, got in scores.items():
             rows.append({"share": share, "task": task, "score": sum(g[0] for g in got) / len(got),
                          "bytes": sum(g[1] for g in got) / len(got), "full_bytes": sum(g[2] for g in got) / len(got)})
-        ppl = gated_perplexity(model, text, heads.float(), sinks=sinks, window=window)
-        rows.append({"share": share, "task": "perplexity", "score": ppl, "bytes": cache_bytes(ppl_tokens, share),
-                     "full_bytes": cache_bytes(ppl_tokens, 1.0)})
+        nlls = torch.cat([gated_nlls(model, torch.cat([ids, torch.tensor([cont])], 1), heads.float(), sinks=sinks,
+                                     window=window)[-len(cont):] for ids, cont in texts])
+        rows.append({"share": share, "task": "perplexity", "score": math.exp(nlls.mean().item()),
+                     "bytes": cache_bytes(context, share), "full_bytes": cache_bytes(context, 1.0)})
     return rows
 
 
@@ -579,12 +573,13 @@ def experiments_command(args) -> None:
         print(f"ranking: Spearman ρ with {args.gates}: {rank_correlation(gates, ranking):.3f}", flush=True)
     if "shares" in args.parts:
         begin = time.perf_counter()
-        rows = share_sweep(model, tokenizer, gates, length=args.length, count=args.count, ppl_tokens=args.ppl_tokens,
-                           sinks=sinks, window=window)
+        rows = share_sweep(model, tokenizer, gates, length=args.length, count=args.count, context=args.context,
+                           continuation=args.continuation, sinks=sinks, window=window)
         (RESULTS / "duo_shares.json").write_text(json.dumps({
             "command": f"python -m lectlib.duo experiments --parts shares --length {args.length} --count {args.count} "
-                       f"--ppl-tokens {args.ppl_tokens}", "length": args.length, "count": args.count,
-            "ppl_tokens": args.ppl_tokens, **common, "rows": rows, "seconds": round(time.perf_counter() - begin, 1)}, indent=1))
+                       f"--context {args.context} --continuation {args.continuation}", "length": args.length,
+            "count": args.count, "context": args.context, "continuation": args.continuation, **common, "rows": rows,
+            "seconds": round(time.perf_counter() - begin, 1)}, indent=1))
     if "cost" in args.parts:
         begin = time.perf_counter()
         heads = retrieval_heads(gates, share=args.share)
@@ -616,9 +611,10 @@ def main(argv=None) -> None:
     experiments = sub.add_parser("experiments", help="gate map vs attention ranking, the share sweep, decoding cost")
     experiments.add_argument("--parts", nargs="+", default=["ranking", "shares", "cost"])
     experiments.add_argument("--gates", default=str(GATES_FILE))
-    experiments.add_argument("--length", type=int, default=640)
-    experiments.add_argument("--count", type=int, default=3)
-    experiments.add_argument("--ppl-tokens", type=int, default=1024)
+    experiments.add_argument("--length", type=int, default=512, help="retrieval prompts (the leaderboard's book scale)")
+    experiments.add_argument("--count", type=int, default=2)
+    experiments.add_argument("--context", type=int, default=512, help="perplexity: context, then continuation")
+    experiments.add_argument("--continuation", type=int, default=64)
     experiments.add_argument("--share", type=float, default=0.25)
     experiments.add_argument("--cost-lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
     args = parser.parse_args(argv)
