@@ -335,7 +335,8 @@ class DuoAttentionCache(KVCache):
             parts.append((r, *self.full.update(layer, k[:, r], v[:, r], positions)[:3]))
         if (~r).any():
             parts.append((~r, *self.streaming.update(layer, k[:, ~r], v[:, ~r], positions)[:3]))
-        self.seen = self.streaming.seen if not self.retrieval[0].all() else self.full.seen
+        if layer == 0:
+            self.seen = int(positions[-1]) + 1
         longest = max(part[1].shape[2] for part in parts)
         keys, values = k.new_full((B, H, longest, D), float("nan")), v.new_full((B, H, longest, D), float("nan"))
         key_pos = torch.zeros(B, H, longest, dtype=positions.dtype, device=k.device)
@@ -421,88 +422,79 @@ def rank_correlation(a: torch.Tensor, b: torch.Tensor) -> float:
 SHARES = (0.0, 0.125, 0.25, 0.5, 0.75, 1.0)
 
 
-def retrieval_probes(tokenizer, *, length: int, count: int, seed: int = 0) -> list[tuple[str, torch.Tensor, list[int]]]:
-    """(task, prompt (1, N), answer token ids) for `count` prompts of each task, at depths spread in
-    [0.1, 0.9]: passkey (the digits after "The pass key is "), needle (the "vault" needle: the
-    word after "...the old vault is") and key-value retrieval (the first 8 characters of the value,
-    about `length` tokens of pairs). Scored teacher-forced (`retrieved`), so the answer's format
-    is not scored: only whether the model retrieves it.
-    """
-    from . import evals
-
-    enc = lambda s: tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
-    probes = []
-    pairs = max(2, round(length / 75))  # a JSON pair of UUIDs is about 75 tokens
-    for i in range(count):
-        depth = 0.1 + 0.8 * i / max(count - 1, 1)
-        ids, key = evals.passkey_prompt(tokenizer, length, depth, seed=seed * 1000 + i)
-        digits = enc(" " + key)
-        probes.append(("passkey", torch.cat([ids, torch.tensor([digits[:-len(enc(key))]])], 1) if
-                       len(digits) > len(enc(key)) else ids, digits[-len(enc(key)):]))
-        ids, _, _ = evals.needle_prompt(tokenizer, length, depth, "vault", seed=seed * 1000 + i)
-        probes.append(("needle", ids, enc(" pineapple")))
-        ids, value = evals.kv_prompt(tokenizer, pairs, min(pairs - 1, round(depth * (pairs - 1))), seed=seed * 1000 + i)
-        probes.append(("key-value", ids, enc(value[:8])))
-    return probes
-
-
 @torch.no_grad()
-def retrieved(model, prompt: torch.Tensor, answer: list[int], cache) -> tuple[bool, int]:
-    """(whether every answer token is the greedy choice when fed teacher-forced, bytes held after the prompt).
+def retrieved(model, probe, cache) -> tuple[float, int]:
+    """(retrieved, bytes held after the prompt) of an `evals.Probe` read through `cache`.
 
-    The prompt goes in whole, then the answer one token at a time (as in decoding), all through `cache`.
+    As `evals.score_probe`: the prompt goes in whole, then the answer prefix and the answer one
+    token at a time (teacher-forced, as in decoding); retrieved = the share of the probe's spans
+    whose tokens are all the greedy choice. Here the model runs inside `kv.attach(model, cache)`,
+    which DuoAttentionCache needs (score_probe forks the cache, and a fork is not attached).
     """
     from . import kv
 
+    fed = list(probe.prefix + probe.answer)
     with kv.attach(model, cache):
-        logits = [model(prompt, cache=cache)[0, -1]]
+        logits = [model(probe.prompt, cache=cache)[0, -1]]
         held = cache.nbytes()
-        for token in answer[:-1]:
+        for token in fed[:-1]:
             logits.append(model(torch.tensor([[token]]), cache=cache)[0, -1])
-    return bool((torch.stack(logits).argmax(-1) == torch.tensor(answer)).all()), held
+    greedy = (torch.stack(logits[len(probe.prefix):]).argmax(-1) == torch.tensor(probe.answer)).tolist()
+    return sum(all(greedy[a:b]) for a, b in probe.spans) / len(probe.spans), held
 
 
 @torch.no_grad()
-def gated_perplexity(model, input_ids: torch.Tensor, gates: torch.Tensor, *, sinks: int = SINKS,
-                     window: int = WINDOW) -> float:
-    """Perplexity of `input_ids` (1, N) with `gates` (L, H_kv) installed: with 0/1 gates, exactly the
-    model decoding through `DuoAttentionCache` (one pass, as `streaming.sink_window_nlls`)."""
+def gated_nlls(model, input_ids: torch.Tensor, gates: torch.Tensor, *, sinks: int = SINKS,
+               window: int = WINDOW) -> torch.Tensor:
+    """(N-1,) next-token NLLs of `input_ids` (1, N) with `gates` (L, H_kv) installed: with 0/1 gates,
+    exactly the model decoding through `DuoAttentionCache` (in one pass, as `streaming.sink_window_nlls`)."""
     from .streaming import _nlls_from_hidden
 
     with gates_installed(model, gates, sinks=sinks, window=window):
         hidden = model.hidden_states(input_ids)[0]
-    return math.exp(_nlls_from_hidden(model, hidden[:-1], input_ids[0, 1:]).mean().item())
+    return _nlls_from_hidden(model, hidden[:-1], input_ids[0, 1:])
 
 
-def share_sweep(model, tokenizer, gates: torch.Tensor, *, length: int, count: int, ppl_tokens: int,
+def gated_perplexity(model, input_ids: torch.Tensor, gates: torch.Tensor, *, sinks: int = SINKS,
+                     window: int = WINDOW) -> float:
+    """exp of the mean of `gated_nlls`."""
+    return math.exp(gated_nlls(model, input_ids, gates, sinks=sinks, window=window).mean().item())
+
+
+def share_sweep(model, tokenizer, gates: torch.Tensor, *, length: int, count: int, context: int, continuation: int,
                 shares=SHARES, sinks: int = SINKS, window: int = WINDOW, progress: bool = True) -> list[dict]:
-    """Rows {share, task, accuracy, bytes, full_bytes}, task in passkey / needle / key-value / perplexity."""
+    """Rows {share, task, score, bytes, full_bytes} on the KV-compression leaderboard's prompts
+    (`compression.retrieval_prompts` and `perplexity_prompts`), so the two can share a plot:
+    task passkey / needle / key-value (score: the mean `retrieved` of `count` prompts of `length`
+    tokens; bytes: held after the prompt) or perplexity (score: over the `continuation` tokens after
+    each `context`; bytes held after the context, by `duo_cache_bytes`).
+
+    Unlike the leaderboard's policies, which compress a cache filled by full attention, streaming
+    heads attend to their sinks and window while reading the prompt too (as in the paper).
+    """
     from tqdm.auto import tqdm
 
-    from .data import window as text_window
-    from .kv import KVCache
+    from .compression import perplexity_prompts, retrieval_prompts
 
-    probes = retrieval_probes(tokenizer, length=length, count=count)
-    text = text_window(tokenizer, ppl_tokens, start=200_000)
+    probes = retrieval_prompts(tokenizer, length=length, count=count)
+    texts = perplexity_prompts(tokenizer, context=context, continuation=continuation, count=count)
+    c, b = model.config, next(model.parameters()).element_size()
+    cache_bytes = lambda n, share: duo_cache_bytes(n_layers=c.n_layers, n_kv_heads=c.n_kv_heads, head_dim=c.head_dim,  # noqa: E731
+                                                   n_tokens=n, share=share, sinks=sinks, window=window, bytes_per_value=b)
     rows = []
     for share in tqdm(shares, desc="shares", disable=not progress):
         heads = retrieval_heads(gates, share=share)
         scores: dict[str, list] = {}
-        for task, prompt, answer in probes:
-            ok, held = retrieved(model, prompt, answer, DuoAttentionCache(heads, sinks=sinks, window=window))
-            full = prompt.shape[1] * 2 * model.config.n_layers * model.config.n_kv_heads * model.config.head_dim * 4
-            scores.setdefault(task, []).append((ok, held, full))
+        for task, ids, probe in probes:
+            ok, held = retrieved(model, probe, DuoAttentionCache(heads, sinks=sinks, window=window))
+            scores.setdefault(task, []).append((ok, held, cache_bytes(ids.shape[1], 1.0)))
         for task, got in scores.items():
-            rows.append({"share": share, "task": task, "accuracy": sum(g[0] for g in got) / len(got),
+            rows.append({"share": share, "task": task, "score": sum(g[0] for g in got) / len(got),
                          "bytes": sum(g[1] for g in got) / len(got), "full_bytes": sum(g[2] for g in got) / len(got)})
-        ppl = gated_perplexity(model, text, heads.float(), sinks=sinks, window=window)
-        rows.append({"share": share, "task": "perplexity", "accuracy": ppl,
-                     "bytes": duo_cache_bytes(n_layers=model.config.n_layers, n_kv_heads=model.config.n_kv_heads,
-                                              head_dim=model.config.head_dim, n_tokens=ppl_tokens, share=share,
-                                              sinks=sinks, window=window, bytes_per_value=4),
-                     "full_bytes": duo_cache_bytes(n_layers=model.config.n_layers, n_kv_heads=model.config.n_kv_heads,
-                                                   head_dim=model.config.head_dim, n_tokens=ppl_tokens, share=1.0,
-                                                   bytes_per_value=4)})
+        nlls = torch.cat([gated_nlls(model, torch.cat([ids, torch.tensor([cont])], 1), heads.float(), sinks=sinks,
+                                     window=window)[-len(cont):] for ids, cont in texts])
+        rows.append({"share": share, "task": "perplexity", "score": math.exp(nlls.mean().item()),
+                     "bytes": cache_bytes(context, share), "full_bytes": cache_bytes(context, 1.0)})
     return rows
 
 
@@ -560,6 +552,46 @@ def train_command(args) -> None:
                 progress=False, on_log=save)
 
 
+def experiments_command(args) -> None:
+    from .kv import KVCache, SinkCache
+    from .models import load
+
+    model, tokenizer = load()
+    gates, meta = load_gates(args.gates)
+    sinks, window = meta["settings"]["sinks"], meta["settings"]["window"]
+    RESULTS = DATA / "results"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    common = {"gates": str(Path(args.gates).relative_to(DATA.parent)) if Path(args.gates).is_absolute() else args.gates,
+              "sinks": sinks, "window": window, **_machine()}
+    if "ranking" in args.parts:
+        begin = time.perf_counter()
+        ranking = needle_attention_ranking(model, tokenizer, length=args.length)
+        (RESULTS / "duo_ranking.json").write_text(json.dumps({
+            "command": f"python -m lectlib.duo experiments --parts ranking --length {args.length}", "length": args.length,
+            **common,
+            "attention_mass": ranking.tolist(), "seconds": round(time.perf_counter() - begin, 1)}, indent=1))
+        print(f"ranking: Spearman ρ with {args.gates}: {rank_correlation(gates, ranking):.3f}", flush=True)
+    if "shares" in args.parts:
+        begin = time.perf_counter()
+        rows = share_sweep(model, tokenizer, gates, length=args.length, count=args.count, context=args.context,
+                           continuation=args.continuation, sinks=sinks, window=window)
+        (RESULTS / "duo_shares.json").write_text(json.dumps({
+            "command": f"python -m lectlib.duo experiments --parts shares --length {args.length} --count {args.count} "
+                       f"--context {args.context} --continuation {args.continuation}", "length": args.length,
+            "count": args.count, "context": args.context, "continuation": args.continuation, **common, "rows": rows,
+            "seconds": round(time.perf_counter() - begin, 1)}, indent=1))
+    if "cost" in args.parts:
+        begin = time.perf_counter()
+        heads = retrieval_heads(gates, share=args.share)
+        caches = {"full": KVCache, "StreamingLLM": lambda: SinkCache(sinks, window, positions="text"),
+                  f"DuoAttention {args.share:.0%}": lambda: DuoAttentionCache(heads, sinks=sinks, window=window)}
+        rows = decode_cost(model, caches, args.cost_lengths)
+        (RESULTS / "duo_cost.json").write_text(json.dumps({
+            "command": "python -m lectlib.duo experiments --parts cost --cost-lengths "
+                       + " ".join(map(str, args.cost_lengths)) + f" --share {args.share}", "share": args.share,
+            **common, "rows": rows, "seconds": round(time.perf_counter() - begin, 1)}, indent=1))
+
+
 def main(argv=None) -> None:
     import argparse
 
@@ -576,9 +608,20 @@ def main(argv=None) -> None:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--minutes", type=float, default=None, help="stop after this much time (a CPU budget)")
     train.add_argument("--out", default=str(GATES_FILE))
+    experiments = sub.add_parser("experiments", help="gate map vs attention ranking, the share sweep, decoding cost")
+    experiments.add_argument("--parts", nargs="+", default=["ranking", "shares", "cost"])
+    experiments.add_argument("--gates", default=str(GATES_FILE))
+    experiments.add_argument("--length", type=int, default=512, help="retrieval prompts (the leaderboard's book scale)")
+    experiments.add_argument("--count", type=int, default=2)
+    experiments.add_argument("--context", type=int, default=512, help="perplexity: context, then continuation")
+    experiments.add_argument("--continuation", type=int, default=64)
+    experiments.add_argument("--share", type=float, default=0.25)
+    experiments.add_argument("--cost-lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
     args = parser.parse_args(argv)
     if args.command == "train":
         train_command(args)
+    else:
+        experiments_command(args)
 
 
 if __name__ == "__main__":

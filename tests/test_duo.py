@@ -185,3 +185,31 @@ def test_cache_without_attach_is_loud_and_needs_a_bool_table(tiny):
         assert tiny(torch.randint(0, TINY.vocab_size, (1, 1)), cache=cache).isnan().all()
     with pytest.raises(ValueError, match="retrieval"):
         duo.DuoAttentionCache(RETRIEVAL.float())
+
+
+def test_retrieved_through_a_cache_matches_the_harness(tiny):
+    """Oracle: evals.score_probe on a full cache (no attach needed there)."""
+    from types import SimpleNamespace
+
+    from lectlib import evals, kv
+
+    tokenizer = SimpleNamespace(eos_token_id=-1, decode=lambda ids, skip_special_tokens=True: "")
+    prompt = torch.randint(0, TINY.vocab_size, (1, 20))
+    with torch.no_grad():
+        own = tiny.generate(prompt, 4)[0].tolist()
+    for answer in (own[1:], [own[1], (own[2] + 1) % TINY.vocab_size, own[3]]):
+        probe = evals.Probe(prompt, (own[0],), tuple(answer), "", ((0, 1), (0, len(answer))))
+        want = evals.score_probe(tiny, tokenizer, probe, cache=kv.KVCache(), max_new_tokens=1, stop=None)["retrieved"]
+        got, held = duo.retrieved(tiny, probe, kv.KVCache())
+        assert got == want
+        assert held == 2 * 2 * 2 * 8 * 20 * 4  # K and V, 2 layers x 2 KV heads x D 8 x 20 tokens, fp32
+    assert got == 0.5  # the first span is right, the whole answer is not
+
+
+def test_rank_correlation_is_spearman():
+    a = torch.tensor([[0.1, 0.4], [0.35, 0.8]])
+    assert duo.rank_correlation(a, a ** 3) == pytest.approx(1.0)
+    assert duo.rank_correlation(a, -a) == pytest.approx(-1.0)
+    assert duo.rank_correlation(a, torch.tensor([[1.0, 2.0], [4.0, 3.0]])) == pytest.approx(0.4)
+    with pytest.raises(ValueError, match="shape"):
+        duo.rank_correlation(a, a.flatten())
