@@ -110,7 +110,7 @@ def _take(x, index):
 
 
 def _block_forward(q, k, v, visible, scale):
-    """o (B, H, n_q, D), m and l (B, H, n_q) of q against one K/V block (rows it does not see: 0, -inf, 0)."""
+    """The state m, l (B, H, n_q) and o (B, H, n_q, D) of q against one K/V block (rows it does not see: -inf, 0, 0)."""
     rows, cols, mask = visible
     n_rep = q.shape[1] // k.shape[1]
     qs, ks, vs = _take(q, rows), repeat_kv(_take(k, cols), n_rep), repeat_kv(_take(v, cols), n_rep)
@@ -122,19 +122,19 @@ def _block_forward(q, k, v, visible, scale):
     l = p.sum(-1)
     o = (p @ vs) / l.clamp_min(torch.finfo(l.dtype).tiny)[..., None]
     if rows is None:
-        return o, m, l
+        return m, l, o
     o_all = q.new_zeros(q.shape).index_copy(2, rows, o)
     m_all = q.new_full(q.shape[:-1], float("-inf")).index_copy(2, rows, m)
-    return o_all, m_all, q.new_zeros(q.shape[:-1]).index_copy(2, rows, l)
+    return m_all, q.new_zeros(q.shape[:-1]).index_copy(2, rows, l), o_all
 
 
-def fold_block(o, m, l, q, k, v, *, scale: float, visible=(None, None, None)):
+def fold_block(m, l, o, q, k, v, *, scale: float, visible=(None, None, None)):
     """One ring step: attend q (B, H, n, D) to one K/V block (B, H_kv, n_k, D) and merge the result into the
-    running state o (B, H, n, D), m and l (B, H, n) (`merge_attention_blocks`). Returns the new (o, m, l).
+    running state m, l (B, H, n) and o (B, H, n, D) (`merge_attention_blocks`). Returns the new (m, l, o).
 
     `visible` (rows, cols, mask) restricts the block for causal attention (see `_visible`).
     """
-    return merge_attention_blocks(o, m, l, *_block_forward(q, k, v, visible, scale))
+    return merge_attention_blocks(m, l, o, *_block_forward(q, k, v, visible, scale))
 
 
 def _block_backward(q, k, v, do, lse, delta, visible, scale):
@@ -216,7 +216,7 @@ def _ring_forward(q, k, v, causal, scale, group, layout, stats):
         source = (rank - step) % world  # whose K/V block this rank holds at this step
         visible = _visible(pos_q, layout_positions(n * world, source, world, layout).to(q.device), causal)
         if visible is not False:
-            o, m, l = _timed(stats, fold_block, o, m, l, q, kv[0], kv[1], scale=scale, visible=visible)
+            m, l, o = _timed(stats, fold_block, m, l, o, q, kv[0], kv[1], scale=scale, visible=visible)
         elif stats is not None:
             stats.compute_seconds.append(0.0)
         if step < world - 1:

@@ -25,24 +25,24 @@ def _(candidate):
 
 def _full_state(q, k, v, scale):
     s = (q @ k.transpose(-1, -2)) * scale
-    return torch.softmax(s, -1) @ v, s.amax(-1), torch.exp(s - s.amax(-1, keepdim=True)).sum(-1)
+    return s.amax(-1), torch.exp(s - s.amax(-1, keepdim=True)).sum(-1), torch.softmax(s, -1) @ v
 
 
-@exercise("ring_step", reference=lambda o, m, l, q, k, v, scale: ring.fold_block(o, m, l, q, k, v, scale=scale))
+@exercise("ring_step", reference=lambda m, l, o, q, k, v, scale: ring.fold_block(m, l, o, q, k, v, scale=scale))
 def _(candidate):
     g = torch.Generator().manual_seed(0)
     for spread in (1.0, 30.0):
         q = torch.randn(1, 2, 6, 8, generator=g, dtype=torch.float64) * spread
         k, v = (torch.randn(1, 2, 12, 8, generator=g, dtype=torch.float64) for _ in range(2))
         scale = 1 / math.sqrt(8)
-        want_o, want_m, want_l = _full_state(q, k, v, scale)
+        want_m, want_l, want_o = _full_state(q, k, v, scale)
         for first in range(3):  # each rank starts from its own block: the order must not matter
-            o, m, l = torch.zeros_like(q), torch.full(q.shape[:-1], float("-inf"), dtype=q.dtype), torch.zeros(q.shape[:-1], dtype=q.dtype)
+            m, l, o = torch.full(q.shape[:-1], float("-inf"), dtype=q.dtype), torch.zeros(q.shape[:-1], dtype=q.dtype), torch.zeros_like(q)
             for step in range(3):
                 b = (first - step) % 3
-                out = candidate(o, m, l, q, k[:, :, 4 * b:4 * b + 4], v[:, :, 4 * b:4 * b + 4], scale)
-                expect(isinstance(out, tuple) and len(out) == 3, "return the new state (o, m, l)")
-                o, m, l = out
+                out = candidate(m, l, o, q, k[:, :, 4 * b:4 * b + 4], v[:, :, 4 * b:4 * b + 4], scale)
+                expect(isinstance(out, tuple) and len(out) == 3, "return the new state (m, l, o)")
+                m, l, o = out
             what = f"scores of spread {spread}, starting at block {first}"
             expect_close(m, want_m, f"{what}: the running max m after three steps", rtol=1e-9)
             expect_close(l, want_l, f"{what}: the denominator l = Σ exp(s - m) after three steps", rtol=1e-9)
