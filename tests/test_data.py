@@ -74,14 +74,13 @@ class _FakeTokenizer:
 
 def test_token_cache_refuses_a_planted_pickle(tmp_path, monkeypatch):
     import builtins
-    import pickle
 
     monkeypatch.setenv("LECTLIB_CACHE", str(tmp_path))
     tok = _FakeTokenizer()
     torch.save(_Planted(), tmp_path / f"kjv-tokens-{data._tokenizer_key(tok)}.pt")
-    with pytest.raises(pickle.UnpicklingError):
-        data.tokens(tok)
+    ids = data.tokens(tok)  # the planted file is refused by weights_only and the text re-encoded
     assert not hasattr(builtins, "_lectlib_planted_tokens")
+    assert ids.dtype == torch.int64 and len(ids) > 0
 
 
 def test_unseen_span_is_jeremiah_from_its_first_verse(smollm):
