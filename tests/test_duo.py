@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from lectlib import duo, streaming, tiny
+from lectlib import duo, streaming
+from lectlib import tiny as tiny_llama
 from lectlib.llama import Llama, LlamaConfig
 
 TINY = LlamaConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, hidden_dim=64)
@@ -62,7 +63,7 @@ def test_gates_mix_per_kv_head(tiny):
 def test_a_few_steps_lower_the_distillation_loss():
     """On a fixed batch, 6 Adam steps of α from 0.5 lower ‖h_full - h_gated‖² (no L1 pull)."""
     torch.manual_seed(0)
-    model = tiny.init_weights(Llama(TINY), std=0.3).eval()
+    model = tiny_llama.init_weights(Llama(TINY), std=0.3).eval()
     g = torch.Generator().manual_seed(0)
     samples = []
     for _ in range(2):
@@ -130,7 +131,7 @@ def test_shipped_gates_load_and_select_the_share():
 
 
 def test_passkey_sample_marks_the_answer():
-    tok = tiny.tokenizer()
+    tok = tiny_llama.tokenizer()
     s = duo.passkey_sample(tok, 300, n_keys=3, seed=4)
     assert abs(s.input_ids.shape[1] - 300) <= 2
     recited = tok.decode(s.input_ids[0, 1:][s.answer[:-1]])
