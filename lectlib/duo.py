@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import runtime
 from .attention import attention_probs, repeat_kv, sdpa_attention
 from .kv import KVCache, SinkCache
 from .positions import rope_parameters
@@ -61,7 +62,7 @@ def gated_mix(full: torch.Tensor, stream: torch.Tensor, gate: torch.Tensor) -> t
         raise ValueError(f"full and stream must be equal (B, H, N, D) tensors, got {tuple(full.shape)} and {tuple(stream.shape)}")
     if gate.dim() != 1 or full.shape[1] % gate.shape[0]:
         raise ValueError(f"gate must be (H_kv,) with H_kv dividing the {full.shape[1]} heads, got {tuple(gate.shape)}")
-    alpha = repeat_kv(gate.view(1, -1, 1, 1), full.shape[1] // gate.shape[0]).to(full.dtype)  # (1, H, 1, 1)
+    alpha = repeat_kv(gate.view(1, -1, 1, 1), full.shape[1] // gate.shape[0]).to(full)  # (1, H, 1, 1)
     return stream + alpha * (full - stream)
 
 
@@ -192,10 +193,12 @@ def train_gates(model, tokenizer, *, steps: int, length: int, n_keys: int = 5, l
         p.requires_grad_(False)
     optimizer = torch.optim.Adam([gates], lr=lr)
     log, begin = TrainLog([], [], [], []), time.perf_counter()
+    device = next(model.parameters()).device
     try:
         for step in tqdm(range(steps), desc="gates", disable=not progress):
             sample = samples[step % len(samples)] if samples else passkey_sample(tokenizer, length, n_keys=n_keys,
                                                                                  seed=seed * 100_003 + step)
+            sample = PasskeySample(sample.input_ids.to(device), sample.answer.to(device))
             with torch.no_grad():
                 target = model.hidden_states(sample.input_ids)[0, sample.answer]
             distill = distillation_loss(model, gates, sample, target, sinks=sinks, window=window)
@@ -403,7 +406,7 @@ def needle_attention_ranking(model, tokenizer, *, length: int, depths=(0.1, 0.3,
         ids, answer = passkey_prompt(tokenizer, length, depth, seed=seed * 1000 + i)
         span = _span(ids[0].tolist(), tokenizer.encode(" " + answer, add_special_tokens=False))
         with _attention_swapped(model, recorder(span)):
-            model(ids)
+            model(ids.to(next(model.parameters()).device))
     return mass / len(depths)
 
 
@@ -413,7 +416,7 @@ def rank_correlation(a: torch.Tensor, b: torch.Tensor) -> float:
 
     if a.shape != b.shape:
         raise ValueError(f"a and b must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
-    return float(spearmanr(a.flatten().numpy(), b.flatten().numpy()).statistic)
+    return float(spearmanr(a.flatten().cpu().numpy(), b.flatten().cpu().numpy()).statistic)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -434,12 +437,13 @@ def retrieved(model, probe, cache) -> tuple[float, int]:
     from . import kv
 
     fed = list(probe.prefix + probe.answer)
+    device = next(model.parameters()).device
     with kv.attach(model, cache):
-        logits = [model(probe.prompt, cache=cache)[0, -1]]
+        logits = [model(probe.prompt.to(device), cache=cache)[0, -1]]
         held = cache.nbytes()
         for token in fed[:-1]:
-            logits.append(model(torch.tensor([[token]]), cache=cache)[0, -1])
-    greedy = (torch.stack(logits[len(probe.prefix):]).argmax(-1) == torch.tensor(probe.answer)).tolist()
+            logits.append(model(torch.tensor([[token]], device=device), cache=cache)[0, -1])
+    greedy = (torch.stack(logits[len(probe.prefix):]).argmax(-1).cpu() == torch.tensor(probe.answer)).tolist()
     return sum(all(greedy[a:b]) for a, b in probe.spans) / len(probe.spans), held
 
 
@@ -491,8 +495,9 @@ def share_sweep(model, tokenizer, gates: torch.Tensor, *, length: int, count: in
         for task, got in scores.items():
             rows.append({"share": share, "task": task, "score": sum(g[0] for g in got) / len(got),
                          "bytes": sum(g[1] for g in got) / len(got), "full_bytes": sum(g[2] for g in got) / len(got)})
-        nlls = torch.cat([gated_nlls(model, torch.cat([ids, torch.tensor([cont])], 1), heads.float(), sinks=sinks,
-                                     window=window)[-len(cont):] for ids, cont in texts])
+        device = next(model.parameters()).device
+        nlls = torch.cat([gated_nlls(model, torch.cat([ids, torch.tensor([cont])], 1).to(device), heads.float(), sinks=sinks,
+                                     window=window)[-len(cont):].cpu() for ids, cont in texts])
         rows.append({"share": share, "task": "perplexity", "score": math.exp(nlls.mean().item()),
                      "bytes": cache_bytes(context, share), "full_bytes": cache_bytes(context, 1.0)})
     return rows
@@ -522,7 +527,10 @@ def _machine() -> dict:
     import os
     import platform
 
+    from .bench import environment
+
     return {"machine": platform.node(), "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+            "device": environment()["device"],
             "cores": os.cpu_count(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
@@ -531,7 +539,7 @@ def train_command(args) -> None:
 
     from .models import load
 
-    model, tokenizer = load()
+    model, tokenizer = load(device=runtime.device())
     out = Path(args.out)
     log_path = out.with_name(out.stem + "_log.json")
     command = "python -m lectlib.duo " + " ".join(sys.argv[1:])
@@ -556,7 +564,7 @@ def experiments_command(args) -> None:
     from .kv import KVCache, SinkCache
     from .models import load
 
-    model, tokenizer = load()
+    model, tokenizer = load(device=runtime.device())
     gates, meta = load_gates(args.gates)
     sinks, window = meta["settings"]["sinks"], meta["settings"]["window"]
     RESULTS = DATA / "results"

@@ -894,11 +894,14 @@ def record(task: str, lengths, depths, *, trials: int, seed: int = 0, threads: i
         raise ValueError(f"{path} holds settings {rec['settings']}, this recording {settings}: use another path")
     if threads is not None:
         torch.set_num_threads(threads)
-    model, tokenizer = models.load()
+    from . import runtime
+    from .bench import environment
+
+    model, tokenizer = models.load(device=runtime.device())
     new_cells = {(length, depth) for length in grid["length"] for depth in grid["depth"]}
     kept = [r for r in rec["rows"] if (r["length"], r["depth"]) not in new_cells]
     rec.update(model=models.DEFAULT_MODEL, machine=f"{platform.machine()} {platform.processor() or ''}".strip()
-               + f", {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads",
+               + f", {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads", device=environment()["device"],
                date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                versions={"python": platform.python_version(), "torch": torch.__version__,
                          "transformers": transformers.__version__})

@@ -72,13 +72,14 @@ def nll_by_position(model: Llama, windows: torch.Tensor, positions: torch.Tensor
     if windows.dim() != 2 or windows.shape[1] < 2:
         raise ValueError(f"windows must be (n, N + 1) token ids with N >= 1, got {tuple(windows.shape)}")
     total = torch.zeros(windows.shape[1] - 1)
-    for rows in windows.split(batch):
+    device = next(model.parameters()).device
+    for rows in windows.to(device).split(batch):
         hidden = model.hidden_states(rows[:, :-1], positions=positions)  # (b, N, dim)
         for start in range(0, hidden.shape[1], head_chunk):
             logits = model.lm_head(hidden[:, start:start + head_chunk]).float()  # (b, chunk, V)
             targets = rows[:, 1 + start:1 + start + logits.shape[1]]
             total[start:start + logits.shape[1]] += F.cross_entropy(logits.transpose(1, 2), targets,
-                                                                    reduction="none").sum(0)
+                                                                    reduction="none").sum(0).cpu()
     return total / len(windows)
 
 
@@ -219,13 +220,14 @@ def forced_key_score(model: Llama, prompt_ids: torch.Tensor, prefix: list[int], 
         raise ValueError(f"prompt_ids must be (1, N) with N >= 1, got {tuple(prompt_ids.shape)}")
     if not key:
         raise ValueError("key must hold at least one token")
-    forced = torch.tensor(prefix + key, dtype=prompt_ids.dtype)[None]
+    prompt_ids = prompt_ids.to(next(model.parameters()).device)
+    forced = torch.tensor(prefix + key, dtype=prompt_ids.dtype, device=prompt_ids.device)[None]
     ids = torch.cat([prompt_ids, forced[:, :-1]], dim=1)
     if positions is not None:
-        tail = positions[-1] + 1 + torch.arange(forced.shape[1] - 1)
+        tail = positions[-1] + 1 + torch.arange(forced.shape[1] - 1, device=positions.device)
         positions = torch.cat([positions, tail])
     logits = model(ids, positions=positions)[0, -len(key):].float()  # (K, V): the predictions of the key tokens
-    targets = torch.tensor(key)
+    targets = torch.tensor(key, device=logits.device)
     logprob = logits.log_softmax(-1).gather(1, targets[:, None]).sum().item()
     return logprob, bool((logits.argmax(-1) == targets).all())
 
@@ -273,12 +275,14 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     from pathlib import Path
 
-    from . import models
+    from . import models, runtime
+    from .bench import environment
 
     torch.set_num_threads(args.threads)
-    model, tokenizer = models.load()
+    model, tokenizer = models.load(device=runtime.device())
     start = time.perf_counter()
     record = {"machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads".strip(),
+              "device": environment()["device"],
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "versions": {"torch": torch.__version__, "python": platform.python_version()},
               "model": "SmolLM2-135M-Instruct (lectlib.models.load, fp32)",

@@ -182,6 +182,7 @@ class Llama(nn.Module):
         if positions is None:
             start = 0 if cache is None else cache.seen
             positions = torch.arange(start, start + n, device=input_ids.device)
+        positions = positions.to(input_ids.device)
         c = self.config
         longest = int(positions.max()) + 1
         rope = rope_parameters(c.head_dim, c.rope_theta, c.rope_scaling, longest)

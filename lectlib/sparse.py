@@ -414,7 +414,7 @@ def main(argv=None) -> None:
     import argparse
     import json
 
-    from . import models
+    from . import models, runtime
     from .bench import RESULTS, environment, table as text_table
 
     parser = argparse.ArgumentParser(prog="python -m lectlib.sparse", description=main.__doc__.splitlines()[0])
@@ -426,7 +426,7 @@ def main(argv=None) -> None:
     parser.add_argument("--names", nargs="+", default=None, help="variants to run (default: all of `variants`)")
     parser.add_argument("--out", default="sparse_quality.json", help="file name under data/results (sparse_quality*.json)")
     args = parser.parse_args(argv)
-    model, tok = models.load()
+    model, tok = models.load(device=runtime.device())
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / args.out
 
