@@ -466,7 +466,7 @@ def gated_perplexity(model, input_ids: torch.Tensor, gates: torch.Tensor, *, sin
 
 
 def share_sweep(model, tokenizer, gates: torch.Tensor, *, length: int, count: int, context: int, continuation: int,
-                shares=SHARES, sinks: int = SINKS, window: int = WINDOW, progress: bool = True) -> list[dict]:
+                shares=SHARES, sinks: int = SINKS, window: int = WINDOW, progress: bool = True, on_row=None) -> list[dict]:
     """Rows {share, task, score, bytes, full_bytes} on the KV-compression leaderboard's prompts
     (`compression.retrieval_prompts` and `perplexity_prompts`), so the two can share a plot:
     task passkey / needle / key-value (score: the mean `retrieved` of `count` prompts of `length`
@@ -475,6 +475,7 @@ def share_sweep(model, tokenizer, gates: torch.Tensor, *, length: int, count: in
 
     Unlike the leaderboard's policies, which compress a cache filled by full attention, streaming
     heads attend to their sinks and window while reading the prompt too (as in the paper).
+    `on_row(rows)` is called after each share (a recording saves progress there).
     """
     from tqdm.auto import tqdm
 
@@ -500,6 +501,8 @@ def share_sweep(model, tokenizer, gates: torch.Tensor, *, length: int, count: in
                                      window=window)[-len(cont):].cpu() for ids, cont in texts])
         rows.append({"share": share, "task": "perplexity", "score": math.exp(nlls.mean().item()),
                      "bytes": cache_bytes(context, share), "full_bytes": cache_bytes(context, 1.0)})
+        if on_row is not None:
+            on_row(rows)
     return rows
 
 
@@ -581,13 +584,16 @@ def experiments_command(args) -> None:
         print(f"ranking: Spearman ρ with {args.gates}: {rank_correlation(gates, ranking):.3f}", flush=True)
     if "shares" in args.parts:
         begin = time.perf_counter()
-        rows = share_sweep(model, tokenizer, gates, length=args.length, count=args.count, context=args.context,
-                           continuation=args.continuation, sinks=sinks, window=window)
-        (RESULTS / "duo_shares.json").write_text(json.dumps({
-            "command": f"python -m lectlib.duo experiments --parts shares --length {args.length} --count {args.count} "
-                       f"--context {args.context} --continuation {args.continuation}", "length": args.length,
-            "count": args.count, "context": args.context, "continuation": args.continuation, **common, "rows": rows,
-            "seconds": round(time.perf_counter() - begin, 1)}, indent=1))
+
+        def save(rows):
+            (RESULTS / "duo_shares.json").write_text(json.dumps({
+                "command": f"python -m lectlib.duo experiments --parts shares --length {args.length} --count {args.count} "
+                           f"--context {args.context} --continuation {args.continuation}", "length": args.length,
+                "count": args.count, "context": args.context, "continuation": args.continuation, **common, "rows": rows,
+                "seconds": round(time.perf_counter() - begin, 1)}, indent=1))
+
+        share_sweep(model, tokenizer, gates, length=args.length, count=args.count, context=args.context,
+                    continuation=args.continuation, sinks=sinks, window=window, on_row=save)
     if "cost" in args.parts:
         begin = time.perf_counter()
         heads = retrieval_heads(gates, share=args.share)
