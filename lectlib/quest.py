@@ -91,15 +91,24 @@ class QuestCache(KVCache):
         return sum(self.read_bytes.values())
 
 
-def topk_recall(q: torch.Tensor, k: torch.Tensor, pages: int, page_size: int, top_k: int) -> float:
-    """Share of each query's true top-`top_k` keys (by q·k, per query head) that its chosen pages contain.
+def top_key_recall(chosen: torch.Tensor, q: torch.Tensor, k: torch.Tensor, top_k: int) -> float:
+    """Share of each query's true top-`top_k` keys (by q·k, per query head, among the keys it may see)
+    that the selection `chosen` (B, H, n, N) bool contains; the mean over queries and heads.
 
-    q (B, H, n, D) are the last n of the N keys k (B, H_kv, N, D); the mean over queries and heads.
+    q (B, H, n, D) are the last n of the N keys k (B, H_kv, N, D). Any block selection can be
+    judged this way: Quest's pages here, MoBA's routed blocks in `lectlib.sparse.moba_recall`.
     """
     _check_int("top_k", top_k, 1)
     n, N = q.shape[2], k.shape[2]
+    if chosen.shape != (*q.shape[:3], N):
+        raise ValueError(f"chosen must be (B, H, n, N) = {(*q.shape[:3], N)}, got {tuple(chosen.shape)}")
     scores = (q.float() @ repeat_kv(k, q.shape[1] // k.shape[1]).float().transpose(-1, -2))
     scores = scores.masked_fill(~causal_mask(n, N, q.device), float("-inf"))
     top = scores.topk(min(top_k, N - n + 1), dim=-1).indices  # within what the first query may see
-    chosen = page_selection(q, k, pages, page_size)
     return chosen.gather(-1, top).float().mean().item()
+
+
+def topk_recall(q: torch.Tensor, k: torch.Tensor, pages: int, page_size: int, top_k: int) -> float:
+    """Share of each query's true top-`top_k` keys that its Quest pages contain (`top_key_recall` of
+    `page_selection`). q (B, H, n, D) are the last n of the N keys k (B, H_kv, N, D)."""
+    return top_key_recall(page_selection(q, k, pages, page_size), q, k, top_k)

@@ -336,6 +336,17 @@ def moba_share(n: int, *, block_size: int, top_k: int) -> float:
     return kept.sum().item() / (n * (n + 1) / 2)
 
 
+def moba_recall(q: torch.Tensor, k: torch.Tensor, *, block_size: int, top_k: int, top_keys: int) -> float:
+    """Share of each query's true top-`top_keys` keys that MoBA's routing (`moba_mask`) keeps: how well a
+    block's mean key stands in for its best key. Comparable with Quest's page bound at equal blocks
+    (`lectlib.quest.topk_recall` with pages = top_k, page_size = block_size). q (B, H, n, D) are the
+    last n of the N keys k (B, H_kv, N, D)."""
+    from .quest import top_key_recall
+
+    _positive_int("top_keys", top_keys)
+    return top_key_recall(moba_mask(q, k, block_size=block_size, top_k=top_k), q, k, top_keys)
+
+
 # ---------------------------------------------------------------------------------------------
 # Quality without training: SmolLM2 with each pattern in every layer.
 

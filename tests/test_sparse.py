@@ -124,6 +124,39 @@ def test_moba_routes_to_the_top_blocks_and_its_own(n_k, block_size, top_k, heads
         assert sparse.moba_share(n_k, block_size=block_size, top_k=top_k) == pytest.approx(share)
 
 
+def brute_force_recall(mask, q, k, top_keys):
+    """Per (head, query): its top_keys visible keys by q·k, sorted in Python; the share the mask holds."""
+    b, h, n_q, _ = q.shape
+    n_k = k.shape[2]
+    k = repeat_kv(k, h // k.shape[1])
+    hits = total = 0
+    for hi in range(h):
+        for row, i in enumerate(range(n_k - n_q, n_k)):
+            scores = [(q[0, hi, row] @ k[0, hi, j]).item() for j in range(i + 1)]
+            top = sorted(range(i + 1), key=lambda j: -scores[j])[:min(top_keys, n_k - n_q + 1)]
+            hits += sum(bool(mask[0, hi, row, j]) for j in top)
+            total += len(top)
+    return hits / total
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.integers(9, 40), st.integers(2, 6), st.integers(1, 4), st.integers(1, 6), st.booleans())
+def test_moba_and_quest_recall_count_the_true_top_keys_they_keep(n_k, block_size, top_k, top_keys, decode):
+    from lectlib import quest
+
+    g = torch.Generator().manual_seed(n_k * 7 + block_size)
+    n_q = 1 if decode else 5
+    q = torch.randn(1, 4, n_q, 8, generator=g)
+    k = torch.randn(1, 2, n_k, 8, generator=g)
+    want = brute_force_recall(brute_force_moba(q, k, block_size, top_k), q, k, top_keys)
+    assert sparse.moba_recall(q, k, block_size=block_size, top_k=top_k, top_keys=top_keys) == pytest.approx(want)
+    pages = quest.page_selection(q, k, top_k, block_size)
+    want = brute_force_recall(pages, q, k, top_keys)
+    assert quest.topk_recall(q, k, top_k, block_size, top_keys) == pytest.approx(want)
+    every = sparse.moba_recall(q, k, block_size=block_size, top_k=-(-n_k // block_size), top_keys=top_keys)
+    assert every == 1.0
+
+
 def test_moba_with_every_block_is_full_causal_attention():
     q, k, v = (torch.randn(1, 2, 30, 8) for _ in range(3))
     got = sparse.moba_attention(block_size=4, top_k=8)(q, k, v)
