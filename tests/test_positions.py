@@ -302,6 +302,7 @@ class _ScriptedLM(torch.nn.Module):
     def __init__(self, script: dict[int, int], vocab: int = 10):
         super().__init__()
         self.script, self.vocab = script, vocab
+        self.device_probe = torch.nn.Parameter(torch.zeros(()))  # forced_key_score reads the device from a parameter
 
     def forward(self, ids, positions=None):
         logits = torch.zeros(1, ids.shape[1], self.vocab)
