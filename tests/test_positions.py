@@ -302,6 +302,7 @@ class _ScriptedLM(torch.nn.Module):
     def __init__(self, script: dict[int, int], vocab: int = 10):
         super().__init__()
         self.script, self.vocab = script, vocab
+        self.device_probe = torch.nn.Parameter(torch.zeros(()))  # forced_key_score reads the device from a parameter
 
     def forward(self, ids, positions=None):
         logits = torch.zeros(1, ids.shape[1], self.vocab)
@@ -352,6 +353,24 @@ def test_rope_buckets_record_on_smollm2_matches_chunked_perplexity(smollm):
     assert rec["nll_per_bin"]["dynamic"] == rec["nll_per_bin"]["default"]
     assert rec["nll_per_bin"]["linear"] != pytest.approx(rec["nll_per_bin"]["default"], abs=1e-3)
     assert model.config.rope_scaling is None
+
+
+def test_rope_buckets_record_holds_five_methods_and_chapter_2s_claims():
+    """data/results/rope_buckets.json (python -m lectlib.lengths buckets --length 16384), as chapter 2 states it:
+    five methods over 16,384 tokens at s = 2; plain RoPE fine in the first bucket past 8,192 then above 100; PI about
+    2x plain inside the trained length and flat past it; NTK-aware, dynamic NTK and YaRN within 3% of plain inside and
+    no 2,048-bucket above 16.5 past it, NTK-aware the lowest past it."""
+    rec = lengths.load_record()
+    assert set(rec["nll_per_bin"]) == set(P.ROPE_TYPES) and rec["length"] == 16384 and rec["factor"] == 2.0
+    assert all(len(nll) == rec["length"] // rec["bin_size"] for nll in rec["nll_per_bin"].values())
+    b = {m: lengths.bucket_perplexity(nll, rec["bin_size"], 2048) for m, nll in rec["nll_per_bin"].items()}
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    inside = {m: mean(p[:4]) for m, p in b.items()}
+    assert b["default"][4] < 17 and b["default"][-1] > 400 and min(b["default"][6:]) > 100
+    assert 2.2 < inside["linear"] / inside["default"] < 2.4 and max(b["linear"][4:]) < 43
+    for m in ("ntk", "dynamic", "yarn"):
+        assert 1.0 <= inside[m] / inside["default"] < 1.03 and max(b[m][4:]) < 16.6
+    assert min(b, key=lambda m: mean(b[m][4:])) == "ntk"
 
 
 def test_passkey_with_skipped_positions_is_scored_on_the_key(smollm):
