@@ -130,6 +130,51 @@ def test_shipped_gates_load_and_select_the_share():
         assert gates[heads].min() >= gates[~heads].max()
 
 
+def _records():
+    import json
+
+    gates, meta = duo.load_gates()
+    log = json.loads(duo.GATES_FILE.with_name(duo.GATES_FILE.stem + "_log.json").read_text())
+    ranking = json.loads((duo.DATA / "results" / "duo_ranking.json").read_text())
+    shares = json.loads((duo.DATA / "results" / "duo_shares.json").read_text())
+    return gates, meta, log, ranking, shares
+
+
+def test_shipped_gates_log_and_records_agree_with_the_chapter():
+    """What chapter 6 says of the shipped gates, their training log and the ranking and share records."""
+    gates, meta, log, ranking, shares = _records()
+    # the log belongs to these gates: same command and steps; it starts from the full model
+    assert log["command"] == meta["command"] and log["steps_done"] == meta["steps_done"] == len(log["step"])
+    assert meta["settings"]["length"] == 4096 and meta["device"]
+    assert log["l1"][0] == pytest.approx(1.0) and log["distill"][0] < 1e-6
+    # the mean gate settles within a few dozen steps and the distillation loss stays small after
+    late = len(log["step"]) // 2
+    assert log["l1"][20] < 0.8 and max(log["l1"][late:]) - min(log["l1"][late:]) < 0.05
+    assert 0 < max(log["distill"][late:]) < 0.02
+    # the gate map: most gates high, most of the others near 0, whole layers let go, first third highest
+    assert (gates > 0.5).float().mean() > 0.6
+    assert (gates < 0.1).sum() > (gates <= 0.5).sum() / 2
+    assert any((gates[l] < 0.5).all() for l in range(30))
+    thirds = [gates[i:i + 10].mean() for i in (0, 10, 20)]
+    assert thirds[0] == max(thirds)
+    # the ranking: recorded at the gates' length; partial agreement, top quarters about twice chance, half shared
+    mass = torch.tensor(ranking["attention_mass"])
+    assert ranking["length"] == meta["settings"]["length"]
+    assert 0.3 < duo.rank_correlation(gates, mass) < 0.9
+    shared = int((duo.retrieval_heads(gates, share=0.25) & duo.retrieval_heads(mass, share=0.25)).sum())
+    assert 1.5 * 22 * 22 / 90 < shared < 22
+    # the share sweep: recorded with these gates, 2 prompts per task; bytes grow with the share
+    assert shares["gates"].endswith(duo.GATES_FILE.name) and shares["count"] == 2
+    assert shares["date"] >= meta["date"] and ranking["date"] >= meta["date"]  # made after these gates were
+    got = sorted({r["share"] for r in shares["rows"]})
+    assert got[0] == 0.0 and set(got) <= set(duo.SHARES)
+    for task in ("passkey", "needle", "key-value", "perplexity"):
+        rows = sorted((r for r in shares["rows"] if r["task"] == task), key=lambda r: r["share"])
+        assert [r["share"] for r in rows] == got
+        assert all(a["bytes"] < b["bytes"] for a, b in zip(rows, rows[1:]))
+        assert all(0 <= r["score"] <= 1 for r in rows) or task == "perplexity"
+
+
 def test_passkey_sample_marks_the_answer():
     tok = tiny_llama.tokenizer()
     s = duo.passkey_sample(tok, 300, n_keys=3, seed=4)

@@ -270,3 +270,37 @@ def test_exercise_checks_reject_plausible_mistakes():
         for wrong in wrongs:
             with pytest.raises(ExerciseFailure):
                 run_check(name, wrong)
+
+
+def test_recorded_leaderboard_says_what_the_chapter_says():
+    """Chapter 5's claims about data/results/kv_leaderboard.json (4,096 tokens, 8 prompts per task, on a GPU)."""
+    import json
+
+    board = json.loads((compression.RESULTS / "kv_leaderboard.json").read_text())
+    s = board["settings"]
+    assert board["scale"] == "gpu" and s == compression.SETTINGS["gpu"]
+    assert len(board["rows"]) == 4 * s["count"] * (1 + 7 * len(s["budgets"]) + 4)
+    rows = compression.summary(board["rows"])
+
+    def at(method, budget):
+        return next(r for r in rows if r["method"] == method and abs(r["budget"] - budget) < 1e-9)
+
+    full = at("full", 1.0)
+    assert full["passkey"] == 1 and full["key-value"] == 0  # the model itself fails key-value at this length
+    depths = [(i + 0.5) / s["count"] for i in range(s["count"])]
+    for b in s["budgets"]:
+        inside = sum(d > 1 - b for d in depths) / len(depths)
+        for m in ("window", "sinks+window"):  # retrieval exactly when the answer is in the window
+            assert at(m, b)["passkey"] == at(m, b)["needle"] == inside
+        assert at("H2O", b)["passkey"] <= at("window", b)["passkey"]
+    evicting = ["window", "sinks+window", "H2O", "TOVA", "SnapKV", "key-norm"]
+    h2o, sinks, win = at("H2O", 0.2), at("sinks+window", 0.2), at("window", 0.2)
+    assert h2o["perplexity"] == min(at(m, 0.2)["perplexity"] for m in evicting)
+    assert h2o["perplexity"] < win["perplexity"] and sinks["perplexity"] < 1.05 * h2o["perplexity"]
+    assert at("SnapKV", min(s["budgets"]))["passkey"] >= 0.75
+    assert h2o["passkey"] < at("TOVA", 0.2)["passkey"] < at("SnapKV", 0.2)["passkey"]
+    quest = at("Quest", 0.2)
+    assert quest["bytes_ratio"] == 1 and 0.25 < quest["read_ratio"] < 0.45 and quest["passkey"] >= 0.75
+    k4, k2 = at("KIVI-4", 1.0), at("KIVI-2", 1.0)
+    assert 1 / 7 < k4["bytes_ratio"] < 1 / 5 and abs(k4["perplexity"] / full["perplexity"] - 1) < 0.02
+    assert k4["passkey"] == full["passkey"] and k2["bytes_ratio"] < 0.12 and k2["passkey"] < full["passkey"]
