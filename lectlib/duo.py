@@ -486,6 +486,7 @@ def share_sweep(model, tokenizer, gates: torch.Tensor, *, length: int, count: in
     c, b = model.config, next(model.parameters()).element_size()
     cache_bytes = lambda n, share: duo_cache_bytes(n_layers=c.n_layers, n_kv_heads=c.n_kv_heads, head_dim=c.head_dim,  # noqa: E731
                                                    n_tokens=n, share=share, sinks=sinks, window=window, bytes_per_value=b)
+    device = next(model.parameters()).device
     rows = []
     for share in tqdm(shares, desc="shares", disable=not progress):
         heads = retrieval_heads(gates, share=share)
@@ -496,7 +497,6 @@ def share_sweep(model, tokenizer, gates: torch.Tensor, *, length: int, count: in
         for task, got in scores.items():
             rows.append({"share": share, "task": task, "score": sum(g[0] for g in got) / len(got),
                          "bytes": sum(g[1] for g in got) / len(got), "full_bytes": sum(g[2] for g in got) / len(got)})
-        device = next(model.parameters()).device
         nlls = torch.cat([gated_nlls(model, torch.cat([ids, torch.tensor([cont])], 1).to(device), heads.float(), sinks=sinks,
                                      window=window)[-len(cont):].cpu() for ids, cont in texts])
         rows.append({"share": share, "task": "perplexity", "score": math.exp(nlls.mean().item()),

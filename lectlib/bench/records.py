@@ -74,7 +74,7 @@ def main(argv: list[str]) -> None:
     from .. import models
 
     begin = time.perf_counter()
-    models.checkpoint_path()  # convert the model once, before the parts load it in parallel-free turns
+    models.checkpoint_path()  # convert the model once here, so no part's time limit pays for it
     log = [f"model ready in {time.perf_counter() - begin:.0f} s"]
     for old in ("evals_passkey.json", "evals_needle.json"):  # the grids are recorded whole, on one machine
         (RESULTS / old).unlink(missing_ok=True)
