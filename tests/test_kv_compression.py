@@ -230,6 +230,10 @@ BAD = [
     (lambda: kv.KVCache().update(0, torch.zeros(1, 2, 3, 4), torch.zeros(1, 1, 3, 4), torch.arange(3)), "same shape"),
     (lambda: kv.KVCache().update(0, torch.zeros(1, 2, 0, 4), torch.zeros(1, 2, 0, 4), torch.arange(0)), "at least one"),
     (lambda: compression.make_cache("H3O", 0.2, 100), "method"),
+    (lambda: quest.top_key_recall(torch.ones(1, 1, 2, 5, dtype=torch.bool), torch.zeros(1, 1, 2, 4), torch.zeros(1, 1, 8, 4), 2),
+     "chosen"),
+    (lambda: quest.top_key_recall(torch.ones(1, 1, 2, 8, dtype=torch.bool), torch.zeros(1, 1, 2, 4), torch.zeros(1, 1, 8, 4), 0),
+     "top_k"),
 ]
 
 

@@ -201,6 +201,8 @@ def test_keys_share_counts_the_kept_causal_pairs():
     (lambda: sparse.sparse_attention(*(torch.randn(1, 1, 4, 2) for _ in range(3)), "strided", stride=2, causal=False), "causal"),
     (lambda: sparse.moba_attention(block_size=0, top_k=2), "block_size"),
     (lambda: sparse.moba_attention(block_size=4, top_k=0), "top_k"),
+    (lambda: sparse.moba_recall(torch.randn(1, 1, 2, 4), torch.randn(1, 1, 8, 4), block_size=4, top_k=2, top_keys=0), "top_keys"),
+    (lambda: sparse.moba_recall(torch.randn(1, 1, 2, 4), torch.randn(1, 1, 8, 4), block_size=0, top_k=2, top_keys=2), "block_size"),
 ])
 def test_bad_arguments_raise_value_error_naming_them(call, argument):
     with pytest.raises(ValueError, match=argument):
